@@ -1,0 +1,341 @@
+package nat
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+)
+
+// Rule matches destinations by protocol, address prefix and port range.
+type Rule struct {
+	// Proto is the protocol the rule applies to; zero means any.
+	Proto Proto
+	// Prefix is the destination range. A single address is a /32 or /128.
+	Prefix netip.Prefix
+	// Ports is the destination port range; the zero value means any port.
+	// A rule with ports matches only TCP and UDP flows, since ICMP echo has
+	// no destination port.
+	Ports PortRange
+}
+
+// ParseRule parses a rule written as "[tcp/|udp/|icmp/]CIDR-or-ADDR[:PORTS]",
+// for example "10.0.0.0/8", "udp/192.0.2.1:53", "tcp/203.0.113.0/24:8000-8999",
+// "2001:db8::/32" or, with ports, "[2001:db8::/32]:443" and "tcp/[::1]:80-90".
+// A bare address is a /32 or /128 prefix; host bits below the prefix length
+// are cleared; an IPv4-mapped IPv6 prefix is turned into its IPv4 form.
+func ParseRule(s string) (Rule, error) {
+	var r Rule
+	rest := strings.TrimSpace(s)
+	if proto, after, ok := strings.Cut(rest, "/"); ok {
+		switch strings.ToLower(proto) {
+		case "tcp":
+			r.Proto, rest = TCP, after
+		case "udp":
+			r.Proto, rest = UDP, after
+		case "icmp":
+			r.Proto, rest = ICMP, after
+		default:
+			// Not a protocol: the slash belongs to a CIDR, unless what
+			// precedes it cannot be an address either.
+			if !looksLikeAddr(proto) {
+				return Rule{}, fmt.Errorf("nat: rule %q: unknown protocol %q (want tcp, udp or icmp)", s, proto)
+			}
+		}
+	}
+	if rest == "" {
+		return Rule{}, fmt.Errorf("nat: rule %q: missing address", s)
+	}
+
+	addr, ports := rest, ""
+	if strings.HasPrefix(rest, "[") {
+		end := strings.IndexByte(rest, ']')
+		if end < 0 {
+			return Rule{}, fmt.Errorf("nat: rule %q: missing ] after %q", s, rest)
+		}
+		addr = rest[1:end]
+		after := rest[end+1:]
+		if after != "" {
+			if after[0] != ':' || len(after) == 1 {
+				return Rule{}, fmt.Errorf("nat: rule %q: want :PORTS after ], have %q", s, after)
+			}
+			ports = after[1:]
+		}
+	} else if strings.Count(rest, ":") == 1 {
+		// One colon can only separate an IPv4 address from ports; IPv6
+		// addresses have at least two and take brackets to carry ports.
+		addr, ports, _ = strings.Cut(rest, ":")
+		if ports == "" {
+			return Rule{}, fmt.Errorf("nat: rule %q: empty port range after ':'", s)
+		}
+	}
+
+	p, err := parsePrefix(addr)
+	if err != nil {
+		return Rule{}, fmt.Errorf("nat: rule %q: %w", s, err)
+	}
+	r.Prefix = p
+	if ports != "" {
+		pr, err := ParsePortRange(ports)
+		if err != nil {
+			return Rule{}, fmt.Errorf("nat: rule %q: %w", s, err)
+		}
+		r.Ports = pr
+	}
+	if err := r.validate(); err != nil {
+		return Rule{}, fmt.Errorf("nat: rule %q: %w", s, err)
+	}
+	return r, nil
+}
+
+func looksLikeAddr(s string) bool {
+	return strings.ContainsAny(s, ".:") || strings.HasPrefix(s, "[")
+}
+
+func parsePrefix(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "%") {
+		return netip.Prefix{}, fmt.Errorf("address %q has a zone, which rules do not take", s)
+	}
+	var p netip.Prefix
+	if strings.Contains(s, "/") {
+		var err error
+		p, err = netip.ParsePrefix(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("bad prefix %q", s)
+		}
+	} else {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("bad address %q", s)
+		}
+		p = netip.PrefixFrom(a, a.BitLen())
+	}
+	return normalizePrefix(p), nil
+}
+
+// normalizePrefix clears host bits and rewrites an IPv4-mapped IPv6 prefix
+// as IPv4, since Check unmaps destinations before matching.
+func normalizePrefix(p netip.Prefix) netip.Prefix {
+	if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
+		p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
+	}
+	return p.Masked()
+}
+
+func (r Rule) validate() error {
+	switch r.Proto {
+	case 0, TCP, UDP, ICMP:
+	default:
+		return fmt.Errorf("unknown protocol %d", r.Proto)
+	}
+	if !r.Prefix.IsValid() {
+		return errors.New("no address prefix")
+	}
+	if r.Proto == ICMP && !r.Ports.IsZero() {
+		return errors.New("icmp rules take no ports")
+	}
+	if !r.Ports.IsZero() && (r.Ports.Lo == 0 || r.Ports.Hi < r.Ports.Lo) {
+		return fmt.Errorf("bad port range %d-%d", r.Ports.Lo, r.Ports.Hi)
+	}
+	return nil
+}
+
+// String formats r the way ParseRule reads it.
+func (r Rule) String() string {
+	var b strings.Builder
+	if r.Proto != 0 {
+		b.WriteString(r.Proto.String())
+		b.WriteByte('/')
+	}
+	addr := r.Prefix.String()
+	if r.Prefix.IsSingleIP() {
+		addr = r.Prefix.Addr().String()
+	}
+	if r.Ports.IsZero() {
+		b.WriteString(addr)
+		return b.String()
+	}
+	if r.Prefix.Addr().Is6() {
+		b.WriteByte('[')
+		b.WriteString(addr)
+		b.WriteByte(']')
+	} else {
+		b.WriteString(addr)
+	}
+	b.WriteByte(':')
+	b.WriteString(r.Ports.String())
+	return b.String()
+}
+
+// match reports whether r matches a flow of proto to addr (unmapped, no
+// zone) and port.
+func (r Rule) match(proto Proto, addr netip.Addr, port uint16) bool {
+	if r.Proto != 0 && r.Proto != proto {
+		return false
+	}
+	if !r.Ports.IsZero() && (proto == ICMP || !r.Ports.Contains(port)) {
+		return false
+	}
+	return r.Prefix.Contains(addr)
+}
+
+// ErrDenied is what every error from Policy.Check matches with errors.Is.
+var ErrDenied = errors.New("nat: destination denied by policy")
+
+// DeniedError reports a destination that the policy does not let a client
+// reach, and why.
+type DeniedError struct {
+	Dest   netip.AddrPort
+	Proto  Proto
+	Reason string
+}
+
+func (e *DeniedError) Error() string {
+	dest := e.Dest.String()
+	if e.Proto == ICMP {
+		dest = e.Dest.Addr().String()
+	}
+	return fmt.Sprintf("%s %s denied: %s", e.Proto, dest, e.Reason)
+}
+
+// Is makes errors.Is(err, ErrDenied) true.
+func (e *DeniedError) Is(target error) bool { return target == ErrDenied }
+
+// PolicyOptions configure a Policy. The zero value denies the built-in
+// default ranges and allows everything else.
+type PolicyOptions struct {
+	// Allow opens destinations, including ones the defaults deny.
+	Allow []Rule
+	// Deny closes destinations; it wins over Allow.
+	Deny []Rule
+	// LocalAddrs are the gateway host's own addresses, unreachable unless
+	// allowed. Nil means discover them from the host's interfaces when the
+	// policy is made; an empty, non-nil slice means none.
+	LocalAddrs []netip.Addr
+}
+
+// Policy decides which destinations clients may reach. It is immutable and
+// safe for concurrent use.
+type Policy struct {
+	allow, deny []Rule
+	local       map[netip.Addr]struct{}
+}
+
+// defaultDeny lists what no client reaches unless a rule allows it: the
+// addresses that would let a tunnel client into the gateway itself, its
+// host's networks or its cloud's metadata service.
+var defaultDeny = []struct {
+	prefix netip.Prefix
+	reason string
+}{
+	{netip.MustParsePrefix("0.0.0.0/32"), "unspecified address 0.0.0.0"},
+	{netip.MustParsePrefix("::/128"), "unspecified address ::"},
+	{netip.MustParsePrefix("0.0.0.0/8"), "this-network range 0.0.0.0/8"},
+	{netip.MustParsePrefix("127.0.0.0/8"), "loopback range 127.0.0.0/8"},
+	{netip.MustParsePrefix("::1/128"), "loopback address ::1"},
+	{netip.MustParsePrefix("169.254.169.254/32"), "cloud metadata address 169.254.169.254"},
+	{netip.MustParsePrefix("169.254.0.0/16"), "link-local range 169.254.0.0/16"},
+	{netip.MustParsePrefix("fe80::/10"), "link-local range fe80::/10"},
+	{netip.MustParsePrefix("10.0.0.0/8"), "private range 10.0.0.0/8"},
+	{netip.MustParsePrefix("172.16.0.0/12"), "private range 172.16.0.0/12"},
+	{netip.MustParsePrefix("192.168.0.0/16"), "private range 192.168.0.0/16"},
+	{netip.MustParsePrefix("fc00::/7"), "unique local range fc00::/7"},
+	{netip.MustParsePrefix("100.64.0.0/10"), "CGNAT range 100.64.0.0/10"},
+	{netip.MustParsePrefix("224.0.0.0/4"), "multicast range 224.0.0.0/4"},
+	{netip.MustParsePrefix("ff00::/8"), "multicast range ff00::/8"},
+	{netip.MustParsePrefix("255.255.255.255/32"), "broadcast address 255.255.255.255"},
+}
+
+// NewPolicy returns a policy with opts' rules in front of the defaults.
+func NewPolicy(opts PolicyOptions) (*Policy, error) {
+	p := &Policy{local: make(map[netip.Addr]struct{})}
+	var err error
+	if p.allow, err = normalizeRules("Allow", opts.Allow); err != nil {
+		return nil, err
+	}
+	if p.deny, err = normalizeRules("Deny", opts.Deny); err != nil {
+		return nil, err
+	}
+	local := opts.LocalAddrs
+	if local == nil {
+		if local, err = interfaceAddrs(); err != nil {
+			return nil, fmt.Errorf("nat: policy: discover local addresses: %w", err)
+		}
+	}
+	for i, a := range local {
+		if !a.IsValid() {
+			return nil, fmt.Errorf("nat: PolicyOptions.LocalAddrs[%d] is not a valid address", i)
+		}
+		p.local[a.Unmap().WithZone("")] = struct{}{}
+	}
+	return p, nil
+}
+
+func normalizeRules(field string, rules []Rule) ([]Rule, error) {
+	out := make([]Rule, len(rules))
+	for i, r := range rules {
+		if err := r.validate(); err != nil {
+			return nil, fmt.Errorf("nat: PolicyOptions.%s[%d]: %w", field, i, err)
+		}
+		r.Prefix = normalizePrefix(r.Prefix)
+		out[i] = r
+	}
+	return out, nil
+}
+
+func interfaceAddrs() ([]netip.Addr, error) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]netip.Addr, 0, len(addrs))
+	for _, a := range addrs {
+		var ip net.IP
+		switch a := a.(type) {
+		case *net.IPNet:
+			ip = a.IP
+		case *net.IPAddr:
+			ip = a.IP
+		default:
+			continue
+		}
+		if addr, ok := netip.AddrFromSlice(ip); ok {
+			out = append(out, addr.Unmap())
+		}
+	}
+	return out, nil
+}
+
+// Check returns nil if a client may open a flow of proto to dst, or a
+// *DeniedError saying why not. An explicit Deny rule wins; otherwise an
+// explicit Allow rule allows; otherwise the gateway host's own addresses and
+// the default ranges (unspecified, this-network, loopback, link-local,
+// private, unique local, CGNAT, multicast, broadcast) are denied, in their
+// IPv4-mapped IPv6 forms too; everything else is allowed.
+func (p *Policy) Check(proto Proto, dst netip.AddrPort) error {
+	addr := dst.Addr().Unmap().WithZone("")
+	if !addr.IsValid() {
+		return &DeniedError{Dest: dst, Proto: proto, Reason: "invalid address"}
+	}
+	port := dst.Port()
+	for i := range p.deny {
+		if p.deny[i].match(proto, addr, port) {
+			return &DeniedError{Dest: dst, Proto: proto, Reason: "deny rule " + p.deny[i].String()}
+		}
+	}
+	for i := range p.allow {
+		if p.allow[i].match(proto, addr, port) {
+			return nil
+		}
+	}
+	if _, ok := p.local[addr]; ok {
+		return &DeniedError{Dest: dst, Proto: proto, Reason: "address of the gateway host " + addr.String()}
+	}
+	for i := range defaultDeny {
+		if defaultDeny[i].prefix.Contains(addr) {
+			return &DeniedError{Dest: dst, Proto: proto, Reason: defaultDeny[i].reason}
+		}
+	}
+	return nil
+}
