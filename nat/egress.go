@@ -181,7 +181,7 @@ func NewEgress(opts EgressOptions) (*Egress, error) {
 		return nil, fmt.Errorf("nat: EgressOptions.Ports %d-%d is not a range of ports 1-65535", ports.Lo, ports.Hi)
 	}
 	shard, shards := opts.Shard, opts.Shards
-	if shards == 0 && shard == 0 {
+	if shards == 0 {
 		shards = 1
 	}
 	if shards < 1 {
@@ -283,15 +283,19 @@ func network(proto string, a netip.Addr) string {
 	return proto + "6"
 }
 
-// DialTCP opens a TCP connection to dst from a port in the slice. Failures
-// keep the kernel's error: they match syscall.ECONNREFUSED,
-// syscall.EHOSTUNREACH, syscall.ENETUNREACH and, on timeout,
-// context.DeadlineExceeded with errors.Is. When the slice has no port left
-// for dst the error matches ErrPortsExhausted.
+// DialTCP opens a TCP connection to dst from a port in the slice, within
+// the pool's DialTimeout and ctx. Failures keep the kernel's error: they
+// match syscall.ECONNREFUSED, syscall.EHOSTUNREACH, syscall.ENETUNREACH and,
+// on timeout, both os.ErrDeadlineExceeded and context.DeadlineExceeded with
+// errors.Is. When the slice has no port left for dst the error matches
+// ErrPortsExhausted.
 func (e *Egress) DialTCP(ctx context.Context, dst netip.AddrPort) (*net.TCPConn, error) {
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	c, err := e.dialTCP(ctx, dst)
 	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
+			err = timeoutError{err}
+		}
 		return nil, e.failed(fmt.Errorf("nat: egress: dial tcp %s: %w", dst, err))
 	}
 	e.track(TCP, c.LocalAddr(), tcpAlive(c))
@@ -638,6 +642,19 @@ func syscallErrno(err error, call string) syscall.Errno {
 		return errno
 	}
 	return 0
+}
+
+// timeoutError makes a connect that ran out of time match both
+// context.DeadlineExceeded and os.ErrDeadlineExceeded; the net package
+// reports one or the other depending on which deadline fired, and callers
+// should not need to know.
+type timeoutError struct{ err error }
+
+func (e timeoutError) Error() string { return e.err.Error() }
+func (e timeoutError) Unwrap() error { return e.err }
+func (e timeoutError) Timeout() bool { return true }
+func (e timeoutError) Is(target error) bool {
+	return target == context.DeadlineExceeded || target == os.ErrDeadlineExceeded
 }
 
 // rateLimit lets one event through per period and counts the rest.
