@@ -3,6 +3,7 @@ package nat
 import (
 	"context"
 	"errors"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -20,6 +21,19 @@ import (
 // the kernel only honours IP_LOCAL_PORT_RANGE there; each test has its own
 // window so that TIME_WAIT leftovers of one cannot starve another.
 
+// onFixedPort calls listen with random ports below the ephemeral range until
+// one is free. Test servers must not take an ephemeral port: it could fall
+// into the slice under test and leave the pool a port short.
+func onFixedPort(listen func(port uint16) error) error {
+	var err error
+	for range 100 {
+		if err = listen(uint16(20000 + rand.IntN(10000))); !errors.Is(err, syscall.EADDRINUSE) {
+			return err
+		}
+	}
+	return err
+}
+
 // tcpServer accepts connections on addr and reports each client's address.
 type tcpServer struct {
 	ln    net.Listener
@@ -30,7 +44,11 @@ type tcpServer struct {
 
 func newTCPServer(t *testing.T, addr netip.Addr) *tcpServer {
 	t.Helper()
-	ln, err := net.ListenTCP(network("tcp", addr), net.TCPAddrFromAddrPort(netip.AddrPortFrom(addr, 0)))
+	var ln *net.TCPListener
+	err := onFixedPort(func(port uint16) (err error) {
+		ln, err = net.ListenTCP(network("tcp", addr), net.TCPAddrFromAddrPort(netip.AddrPortFrom(addr, port)))
+		return err
+	})
 	if err != nil {
 		t.Fatalf("listen on %s: %v", addr, err)
 	}
@@ -279,7 +297,11 @@ func TestEgressListenUDP(t *testing.T) {
 		base += 10
 		e := newTestEgress(t, EgressOptions{Ports: ports, ExplicitBind: explicit, Addrs: addrs})
 		for _, dst := range []netip.Addr{lo4, lo6} {
-			srv, err := net.ListenUDP(network("udp", dst), net.UDPAddrFromAddrPort(netip.AddrPortFrom(dst, 0)))
+			var srv *net.UDPConn
+			err := onFixedPort(func(port uint16) (err error) {
+				srv, err = net.ListenUDP(network("udp", dst), net.UDPAddrFromAddrPort(netip.AddrPortFrom(dst, port)))
+				return err
+			})
 			if err != nil {
 				t.Fatal(err)
 			}
