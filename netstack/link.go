@@ -1,0 +1,203 @@
+package netstack
+
+import (
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"gvisor.dev/gvisor/pkg/buffer"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+)
+
+// link is the stack's only NIC. Packets the stack sends queue up until the
+// tunnel side reads them; packets the tunnel writes are delivered straight
+// into the stack on the writer's goroutine.
+type link struct {
+	mtu uint32
+
+	mu         sync.RWMutex
+	dispatcher stack.NetworkDispatcher
+
+	out       chan *stack.PacketBuffer
+	done      chan struct{}
+	closeOnce sync.Once
+
+	outDropped atomic.Uint64 // queue full
+	outTooBig  atomic.Uint64 // larger than the reader's buffer
+}
+
+var _ stack.LinkEndpoint = (*link)(nil)
+
+func newLink(mtu, queueLen int) *link {
+	return &link{
+		mtu:  uint32(mtu),
+		out:  make(chan *stack.PacketBuffer, queueLen),
+		done: make(chan struct{}),
+	}
+}
+
+// deliver hands one IP packet from the tunnel to the stack. b is copied.
+func (l *link) deliver(proto tcpip.NetworkProtocolNumber, b []byte) {
+	l.mu.RLock()
+	d := l.dispatcher
+	l.mu.RUnlock()
+	if d == nil {
+		return
+	}
+	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)})
+	d.DeliverNetworkPacket(proto, pkt)
+	pkt.DecRef()
+}
+
+// enqueue queues a packet toward the tunnel, taking a reference. Like a
+// NIC's transmit ring it drops rather than blocks when full: TCP recovers,
+// and the stack's goroutines never wait on a slow reader.
+func (l *link) enqueue(pkt *stack.PacketBuffer) bool {
+	select {
+	case <-l.done:
+		return false
+	default:
+	}
+	pkt.IncRef()
+	select {
+	case l.out <- pkt:
+		return true
+	default:
+		pkt.DecRef()
+		l.outDropped.Add(1)
+		return false
+	}
+}
+
+// read fills bufs with queued packets: it blocks for the first one and then
+// takes whatever else is already queued, up to len(bufs).
+func (l *link) read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	var pkt *stack.PacketBuffer
+	select {
+	case pkt = <-l.out:
+	case <-l.done:
+		return 0, os.ErrClosed
+	}
+	n := 0
+	for {
+		if size, ok := copyPacket(bufs[n][offset:], pkt); ok {
+			sizes[n] = size
+			n++
+		} else {
+			l.outTooBig.Add(1)
+		}
+		pkt.DecRef()
+		if n == len(bufs) {
+			return n, nil
+		}
+		select {
+		case pkt = <-l.out:
+		default:
+			if n == 0 {
+				// Everything we had was too big; wait for more.
+				select {
+				case pkt = <-l.out:
+					continue
+				case <-l.done:
+					return 0, os.ErrClosed
+				}
+			}
+			return n, nil
+		}
+	}
+}
+
+func copyPacket(dst []byte, pkt *stack.PacketBuffer) (int, bool) {
+	if pkt.Size() > len(dst) {
+		return 0, false
+	}
+	n := 0
+	for _, s := range pkt.AsSlices() {
+		n += copy(dst[n:], s)
+	}
+	return n, true
+}
+
+func (l *link) close() {
+	l.closeOnce.Do(func() {
+		close(l.done)
+		for {
+			select {
+			case pkt := <-l.out:
+				pkt.DecRef()
+			default:
+				return
+			}
+		}
+	})
+}
+
+// WritePackets implements stack.LinkWriter.
+func (l *link) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
+	n := 0
+	for _, pkt := range pkts.AsSlice() {
+		if !l.enqueue(pkt) {
+			select {
+			case <-l.done:
+				return n, &tcpip.ErrClosedForSend{}
+			default:
+			}
+			// A drop on a full queue counts as sent, as on a real NIC.
+		}
+		n++
+	}
+	return n, nil
+}
+
+// MTU implements stack.NetworkLinkEndpoint.
+func (l *link) MTU() uint32 { return atomic.LoadUint32(&l.mtu) }
+
+// SetMTU implements stack.NetworkLinkEndpoint.
+func (l *link) SetMTU(mtu uint32) { atomic.StoreUint32(&l.mtu, mtu) }
+
+// MaxHeaderLength implements stack.NetworkLinkEndpoint: IP packets carry no
+// link header.
+func (*link) MaxHeaderLength() uint16 { return 0 }
+
+// LinkAddress implements stack.NetworkLinkEndpoint.
+func (*link) LinkAddress() tcpip.LinkAddress { return "" }
+
+// SetLinkAddress implements stack.NetworkLinkEndpoint.
+func (*link) SetLinkAddress(tcpip.LinkAddress) {}
+
+// Capabilities implements stack.NetworkLinkEndpoint.
+func (*link) Capabilities() stack.LinkEndpointCapabilities { return 0 }
+
+// Attach implements stack.NetworkLinkEndpoint.
+func (l *link) Attach(d stack.NetworkDispatcher) {
+	l.mu.Lock()
+	l.dispatcher = d
+	l.mu.Unlock()
+}
+
+// IsAttached implements stack.NetworkLinkEndpoint.
+func (l *link) IsAttached() bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.dispatcher != nil
+}
+
+// Wait implements stack.NetworkLinkEndpoint: the link owns no goroutines.
+func (*link) Wait() {}
+
+// ARPHardwareType implements stack.NetworkLinkEndpoint.
+func (*link) ARPHardwareType() header.ARPHardwareType { return header.ARPHardwareNone }
+
+// AddHeader implements stack.NetworkLinkEndpoint.
+func (*link) AddHeader(*stack.PacketBuffer) {}
+
+// ParseHeader implements stack.NetworkLinkEndpoint.
+func (*link) ParseHeader(*stack.PacketBuffer) bool { return true }
+
+// Close implements stack.NetworkLinkEndpoint.
+func (l *link) Close() { l.close() }
+
+// SetOnCloseAction implements stack.NetworkLinkEndpoint.
+func (*link) SetOnCloseAction(func()) {}

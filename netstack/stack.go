@@ -1,0 +1,306 @@
+package netstack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"go.uber.org/zap"
+	"golang.org/x/time/rate"
+	"golang.zx2c4.com/wireguard/tun"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+)
+
+// Options configures a Stack. The zero value of every field but Handler
+// means a sensible default.
+type Options struct {
+	// Handler receives every flow. Required.
+	Handler Handler
+
+	// MTU of the tunnel side, in bytes [1420, WireGuard's].
+	MTU int
+
+	// MaxInFlight bounds the TCP handshakes waiting on Handler.DialTCP
+	// [1024]. Further SYNs are dropped (the client retransmits) and counted.
+	MaxInFlight int
+
+	// BatchSize is the most packets one Read returns [128].
+	BatchSize int
+
+	// QueueLen is the number of packets the stack may queue toward the
+	// tunnel before it drops [4096].
+	QueueLen int
+
+	// ICMPErrorRate bounds the ICMP errors (unreachable, prohibited, too
+	// big) the stack sends per second [1000]; like a router's, so that a
+	// scan cannot turn the gateway into a reflector.
+	ICMPErrorRate int
+
+	// Logger receives the stack's logs; nil means none.
+	Logger *zap.Logger
+}
+
+func (o *Options) setDefaults() error {
+	if o.Handler == nil {
+		return errors.New("netstack: Options.Handler is required")
+	}
+	if o.MTU == 0 {
+		o.MTU = 1420
+	}
+	if o.MTU < 1280 || o.MTU > 65535 {
+		return fmt.Errorf("netstack: Options.MTU: %d is outside 1280-65535", o.MTU)
+	}
+	if o.MaxInFlight == 0 {
+		o.MaxInFlight = 1024
+	}
+	if o.MaxInFlight < 0 {
+		return fmt.Errorf("netstack: Options.MaxInFlight: %d is negative", o.MaxInFlight)
+	}
+	if o.BatchSize == 0 {
+		o.BatchSize = 128
+	}
+	if o.BatchSize < 0 {
+		return fmt.Errorf("netstack: Options.BatchSize: %d is negative", o.BatchSize)
+	}
+	if o.QueueLen == 0 {
+		o.QueueLen = 4096
+	}
+	if o.QueueLen < 0 {
+		return fmt.Errorf("netstack: Options.QueueLen: %d is negative", o.QueueLen)
+	}
+	if o.ICMPErrorRate == 0 {
+		o.ICMPErrorRate = 1000
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	return nil
+}
+
+const nicID tcpip.NICID = 1
+
+// Stack is a user-space network stack that terminates the flows clients
+// send into it. It implements tun.Device: packets written to it are the
+// clients' packets, packets read from it go back to the clients.
+type Stack struct {
+	opts   Options
+	log    *zap.Logger
+	stack  *stack.Stack
+	link   *link
+	events chan tun.Event
+
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	tcp       *tcpForwarder
+	icmpLimit *rate.Limiter
+
+	malformed   atomic.Uint64
+	packetsIn   atomic.Uint64
+	unsupported atomic.Uint64 // fragmented echo requests and the like
+	refused     atomic.Uint64
+	icmpSent    atomic.Uint64
+
+	closeOnce sync.Once
+}
+
+var _ tun.Device = (*Stack)(nil)
+
+// New builds a stack. It is ready for packets when New returns.
+func New(opts Options) (*Stack, error) {
+	if err := opts.setDefaults(); err != nil {
+		return nil, err
+	}
+	s := &Stack{
+		opts:      opts,
+		log:       opts.Logger,
+		link:      newLink(opts.MTU, opts.QueueLen),
+		events:    make(chan tun.Event, 1),
+		icmpLimit: rate.NewLimiter(rate.Limit(opts.ICMPErrorRate), max(opts.ICMPErrorRate/10, 1)),
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.events <- tun.EventUp
+
+	s.stack = stack.New(stack.Options{
+		// Clients may be allowed to reach the gateway host's loopback
+		// (policy decides), so loopback destinations are not martians here.
+		NetworkProtocols: []stack.NetworkProtocolFactory{
+			ipv4.NewProtocolWithOptions(ipv4.Options{AllowExternalLoopbackTraffic: true}),
+			ipv6.NewProtocolWithOptions(ipv6.Options{AllowExternalLoopbackTraffic: true}),
+		},
+		TransportProtocols: []stack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+	})
+	if err := s.configure(); err != nil {
+		s.stack.Close()
+		s.cancel()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Stack) configure() error {
+	if err := s.stack.CreateNICWithOptions(nicID, s.link, stack.NICOptions{Name: "sluice"}); err != nil {
+		return fmt.Errorf("netstack: create NIC: %s", err)
+	}
+	// Promiscuous: accept packets for any destination. Spoofing: send from
+	// any source, so replies carry the destination's address.
+	if err := s.stack.SetPromiscuousMode(nicID, true); err != nil {
+		return fmt.Errorf("netstack: promiscuous mode: %s", err)
+	}
+	if err := s.stack.SetSpoofing(nicID, true); err != nil {
+		return fmt.Errorf("netstack: spoofing: %s", err)
+	}
+	s.stack.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: nicID},
+		{Destination: header.IPv6EmptySubnet, NIC: nicID},
+	})
+
+	for _, opt := range []tcpip.SettableTransportProtocolOption{
+		ptr(tcpip.TCPSACKEnabled(true)),
+		ptr(tcpip.TCPModerateReceiveBufferOption(true)),
+		ptr(tcpip.CongestionControlOption("cubic")),
+		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: 8 << 20},
+		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: 8 << 20},
+	} {
+		if err := s.stack.SetTransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {
+			return fmt.Errorf("netstack: TCP option %T: %s", opt, err)
+		}
+	}
+
+	s.tcp = newTCPForwarder(s)
+	s.stack.SetTransportProtocolHandler(tcp.ProtocolNumber, s.tcp.handlePacket)
+	s.stack.SetTransportProtocolHandler(udp.ProtocolNumber, s.handleUDP)
+	s.stack.SetTransportProtocolHandler(icmp.ProtocolNumber4, s.handleICMPv4)
+	return nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// Write implements tun.Device: each packet is one IP packet from a client.
+// A packet that is not a well-formed IPv4 or IPv6 packet is dropped and
+// counted; Write itself only fails once the stack is closed.
+func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
+	select {
+	case <-s.ctx.Done():
+		return 0, os.ErrClosed
+	default:
+	}
+	for _, buf := range bufs {
+		if offset > len(buf) {
+			s.malformed.Add(1)
+			continue
+		}
+		b := buf[offset:]
+		pi, ok := inspect(b)
+		if !ok {
+			s.malformed.Add(1)
+			continue
+		}
+		s.packetsIn.Add(1)
+		b = b[:ipLen(b, pi)]
+		if pi.version == 4 {
+			s.link.deliver(header.IPv4ProtocolNumber, b)
+			continue
+		}
+		// gVisor answers IPv6 pings for any address it accepts; the
+		// gateway must never answer on a destination's behalf, so echo
+		// requests are taken out before the stack sees them.
+		if pi.proto == protoICMPv6 || pi.fragment {
+			if s.interceptICMPv6(b, pi) {
+				continue
+			}
+		}
+		s.link.deliver(header.IPv6ProtocolNumber, b)
+	}
+	return len(bufs), nil
+}
+
+// Read implements tun.Device: it returns packets for the clients.
+func (s *Stack) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	return s.link.read(bufs, sizes, offset)
+}
+
+// MTU implements tun.Device.
+func (s *Stack) MTU() (int, error) { return int(s.link.MTU()), nil }
+
+// Name implements tun.Device.
+func (s *Stack) Name() (string, error) { return "sluice", nil }
+
+// File implements tun.Device; the stack has no file descriptor.
+func (s *Stack) File() *os.File { return nil }
+
+// Events implements tun.Device.
+func (s *Stack) Events() <-chan tun.Event { return s.events }
+
+// BatchSize implements tun.Device.
+func (s *Stack) BatchSize() int { return s.opts.BatchSize }
+
+// Close implements tun.Device: it refuses new packets, tears down every
+// relayed connection and waits for the stack's goroutines.
+func (s *Stack) Close() error {
+	s.closeOnce.Do(func() {
+		s.cancel()
+		s.link.close()
+		s.tcp.close()
+		s.stack.Close()
+		s.stack.Wait()
+		close(s.events)
+	})
+	return nil
+}
+
+// Stats are the stack's counters.
+type Stats struct {
+	PacketsIn  uint64 // well-formed packets from clients
+	PacketsOut uint64 // packets toward clients, including those dropped at the queue
+	// Malformed counts packets dropped because they did not parse: at the
+	// link, or in gVisor's IP, TCP and UDP layers, or by a checksum.
+	Malformed uint64
+	// Unsupported counts well-formed packets the stack does not carry, such
+	// as fragmented IPv6 echo requests.
+	Unsupported    uint64
+	QueueDrops     uint64 // packets toward clients dropped on a full queue
+	InFlight       int    // TCP handshakes waiting on the handler
+	InFlightDrops  uint64 // SYNs dropped because MaxInFlight was reached
+	TCPRelays      int    // TCP connections being relayed
+	Refused        uint64 // flows or datagrams refused by the handler
+	ICMPErrorsSent uint64
+}
+
+// Stats returns a snapshot of the counters.
+func (s *Stack) Stats() Stats {
+	gs := s.stack.Stats()
+	st := Stats{
+		PacketsIn:   s.packetsIn.Load(),
+		PacketsOut:  gs.IP.PacketsSent.Value(),
+		Unsupported: s.unsupported.Load(),
+		QueueDrops:  s.link.outDropped.Load() + s.link.outTooBig.Load(),
+		Malformed: s.malformed.Load() + gs.IP.MalformedPacketsReceived.Value() +
+			gs.IP.MalformedFragmentsReceived.Value() + gs.TCP.InvalidSegmentsReceived.Value() +
+			gs.UDP.MalformedPacketsReceived.Value() + gs.UDP.ChecksumErrors.Value() + gs.TCP.ChecksumErrors.Value(),
+	}
+	s.tcp.stats(&st)
+	st.Refused = s.refused.Load() + s.tcp.refused.Load()
+	st.ICMPErrorsSent = s.icmpSent.Load()
+	return st
+}
+
+func addrFrom(a tcpip.Address) netip.Addr {
+	ip, _ := netip.AddrFromSlice(a.AsSlice())
+	return ip
+}
+
+func addrPortFrom(a tcpip.Address, port uint16) netip.AddrPort {
+	return netip.AddrPortFrom(addrFrom(a), port)
+}

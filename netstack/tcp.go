@@ -1,0 +1,299 @@
+package netstack
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+
+	"go.uber.org/zap"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// tcpForwarder terminates client TCP connections. gVisor's forwarder runs
+// the handshake; this wrapper bounds the handshakes in flight and keeps the
+// start of each SYN, which an ICMP error has to quote so that the client
+// matches it to its connection attempt.
+type tcpForwarder struct {
+	s   *Stack
+	fwd *tcp.Forwarder
+
+	mu      sync.Mutex
+	syns    map[stack.TransportEndpointID][]byte // quoted SYN headers, one per handshake in flight
+	relays  map[*relay]struct{}
+	closing bool
+	wg      sync.WaitGroup
+
+	inFlightDrops atomic.Uint64
+	refused       atomic.Uint64
+}
+
+func newTCPForwarder(s *Stack) *tcpForwarder {
+	f := &tcpForwarder{
+		s:      s,
+		syns:   make(map[stack.TransportEndpointID][]byte),
+		relays: make(map[*relay]struct{}),
+	}
+	// The wrapper enforces the in-flight bound; gVisor's own bound only
+	// backs it up.
+	f.fwd = tcp.NewForwarder(s.stack, 0, s.opts.MaxInFlight+1, f.handleRequest)
+	return f
+}
+
+// handlePacket sees every TCP segment that matches no connection.
+func (f *tcpForwarder) handlePacket(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+	th := header.TCP(pkt.TransportHeader().Slice())
+	if len(th) < header.TCPMinimumSize {
+		return f.fwd.HandlePacket(id, pkt)
+	}
+	flags := th.Flags()
+	if !flags.Contains(header.TCPFlagSyn) || flags.Contains(header.TCPFlagAck) {
+		return f.fwd.HandlePacket(id, pkt)
+	}
+
+	f.mu.Lock()
+	if f.closing {
+		f.mu.Unlock()
+		return true
+	}
+	_, retransmit := f.syns[id]
+	if !retransmit {
+		if len(f.syns) >= f.s.opts.MaxInFlight {
+			f.mu.Unlock()
+			f.inFlightDrops.Add(1)
+			return true
+		}
+		f.syns[id] = quote(pkt)
+		f.wg.Add(1)
+	}
+	f.mu.Unlock()
+
+	if !f.fwd.HandlePacket(id, pkt) && !retransmit {
+		// Not a valid SYN after all (bad checksum): gVisor drops it.
+		f.forget(id)
+	}
+	return true
+}
+
+// quote copies the IP header and the first 8 bytes of the transport
+// header, what RFC 792 asks an ICMP error to carry.
+func quote(pkt *stack.PacketBuffer) []byte {
+	nh := pkt.NetworkHeader().Slice()
+	th := pkt.TransportHeader().Slice()
+	q := make([]byte, 0, len(nh)+8)
+	q = append(q, nh...)
+	return append(q, th[:min(len(th), 8)]...)
+}
+
+func (f *tcpForwarder) forget(id stack.TransportEndpointID) []byte {
+	f.mu.Lock()
+	q, ok := f.syns[id]
+	delete(f.syns, id)
+	f.mu.Unlock()
+	if ok {
+		f.wg.Done()
+	}
+	return q
+}
+
+// handleRequest runs on its own goroutine for each new SYN.
+func (f *tcpForwarder) handleRequest(r *tcp.ForwarderRequest) {
+	id := r.ID()
+	src := addrPortFrom(id.RemoteAddress, id.RemotePort)
+	dst := addrPortFrom(id.LocalAddress, id.LocalPort)
+
+	upstream, err := f.s.opts.Handler.DialTCP(f.s.ctx, src, dst)
+	if err != nil {
+		f.refused.Add(1)
+		q := f.forget(id)
+		how := Classify(err)
+		switch how {
+		case RefuseReset:
+			r.Complete(true)
+		case RefuseDrop:
+			r.Complete(false)
+		default:
+			r.Complete(false)
+			f.s.sendICMPError(q, how, 0)
+		}
+		return
+	}
+
+	var wq waiter.Queue
+	ep, tcpErr := r.CreateEndpoint(&wq)
+	if tcpErr != nil {
+		// The client gave up (RST) or the stack is closing.
+		r.Complete(true)
+		f.forget(id)
+		upstream.Close()
+		return
+	}
+	r.Complete(false)
+	ep.SocketOptions().SetKeepAlive(true)
+
+	rl := &relay{client: gonet.NewTCPConn(&wq, ep), ep: ep, upstream: upstream}
+	if !f.track(rl) {
+		f.forget(id)
+		rl.abort()
+		return
+	}
+	// The relay keeps the forwarder's WaitGroup slot of the handshake.
+	f.mu.Lock()
+	delete(f.syns, id)
+	f.mu.Unlock()
+
+	rl.run(f.s.log)
+	f.untrack(rl)
+	f.wg.Done()
+}
+
+func (f *tcpForwarder) track(rl *relay) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closing {
+		return false
+	}
+	f.relays[rl] = struct{}{}
+	return true
+}
+
+func (f *tcpForwarder) untrack(rl *relay) {
+	f.mu.Lock()
+	delete(f.relays, rl)
+	f.mu.Unlock()
+}
+
+func (f *tcpForwarder) stats(st *Stats) {
+	f.mu.Lock()
+	st.InFlight = len(f.syns)
+	st.TCPRelays = len(f.relays)
+	f.mu.Unlock()
+	st.InFlightDrops = f.inFlightDrops.Load()
+}
+
+// close aborts every relay and waits for the handshakes and relays to end.
+func (f *tcpForwarder) close() {
+	f.mu.Lock()
+	f.closing = true
+	relays := make([]*relay, 0, len(f.relays))
+	for rl := range f.relays {
+		relays = append(relays, rl)
+	}
+	f.mu.Unlock()
+	for _, rl := range relays {
+		rl.abort()
+	}
+	f.wg.Wait()
+}
+
+// relay copies bytes between a client connection in the stack and the
+// upstream connection the handler dialled.
+type relay struct {
+	client   *gonet.TCPConn
+	ep       tcpip.Endpoint
+	upstream net.Conn
+
+	abortOnce sync.Once
+}
+
+// relayBufSize is the size of each copy: large enough that a bulk transfer
+// costs few system calls, small enough for tens of thousands of flows.
+const relayBufSize = 32 << 10
+
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+
+type closeWriter interface{ CloseWrite() error }
+
+// run relays until both directions are done. A FIN in one direction is
+// passed on as a half-close; an error in either direction (a reset, a
+// failed write) resets both sides.
+func (rl *relay) run(log *zap.Logger) {
+	counter, _ := rl.upstream.(SegmentCounter)
+	stats, _ := rl.ep.Stats().(*tcp.Stats)
+
+	errc := make(chan error, 1)
+	go func() {
+		err := rl.copy(rl.upstream, rl.client, counter, stats, true)
+		if err == nil {
+			if cw, ok := rl.upstream.(closeWriter); ok {
+				err = cw.CloseWrite()
+			} else {
+				err = rl.upstream.Close()
+			}
+		}
+		errc <- err
+	}()
+	err := rl.copy(rl.client, rl.upstream, counter, stats, false)
+	if err == nil {
+		err = rl.client.CloseWrite()
+	}
+	if err != nil {
+		rl.abort()
+	}
+	if err2 := <-errc; err2 != nil {
+		rl.abort()
+	}
+	rl.client.Close()
+	rl.upstream.Close()
+}
+
+// copy moves bytes from src to dst until src's EOF (nil) or an error.
+func (rl *relay) copy(dst io.Writer, src io.Reader, counter SegmentCounter, stats *tcp.Stats, fromClient bool) error {
+	bp := relayBufs.Get().(*[]byte)
+	defer relayBufs.Put(bp)
+	buf := *bp
+	var reported uint64
+	report := func() {
+		if counter == nil || stats == nil {
+			return
+		}
+		var now uint64
+		if fromClient {
+			now = stats.SegmentsReceived.Value()
+		} else {
+			now = stats.SegmentsSent.Value()
+		}
+		if d := now - reported; d > 0 {
+			reported = now
+			if fromClient {
+				counter.CountSegments(d, 0)
+			} else {
+				counter.CountSegments(0, d)
+			}
+		}
+	}
+	defer report()
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return werr
+			}
+			report()
+		}
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// abort resets both sides: the client gets a RST, and so does the
+// destination when the upstream is a TCP socket.
+func (rl *relay) abort() {
+	rl.abortOnce.Do(func() {
+		rl.ep.Abort()
+		if tc, ok := rl.upstream.(interface{ SetLinger(int) error }); ok {
+			tc.SetLinger(0)
+		}
+		rl.upstream.Close()
+	})
+}
