@@ -198,6 +198,14 @@ func (c *Client) DialContext(ctx context.Context, network, address string) (net.
 	return nil, fmt.Errorf("netstacktest: dial: unknown network %q", network)
 }
 
+// ListenUDP opens an unconnected UDP socket on the client's address of
+// addr's family and addr's port (0: any), for talking to several peers
+// from one port.
+func (c *Client) ListenUDP(addr netip.AddrPort) (net.PacketConn, error) {
+	fa, proto := fullAddr(addr)
+	return gonet.DialUDP(c.stack, &fa, nil, proto)
+}
+
 // ErrNoReply is returned by Ping when no echo reply arrived in time.
 var ErrNoReply = errors.New("netstacktest: no echo reply")
 

@@ -1,0 +1,154 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"sync/atomic"
+
+	"go.uber.org/zap"
+
+	"github.com/sluice-vpn/sluice/nat"
+	"github.com/sluice-vpn/sluice/netstack"
+)
+
+// handler is the Server seen as the stack's netstack.Handler: the policy
+// first, then a table entry, then the egress socket.
+type handler Server
+
+var _ netstack.Handler = (*handler)(nil)
+
+// refusal turns a nat error into the refusal the client sees.
+func refusal(err error, limit netstack.Refusal) error {
+	switch {
+	case errors.Is(err, nat.ErrDenied):
+		return netstack.Refuse(netstack.RefuseProhibited, err)
+	case errors.Is(err, nat.ErrTableFull), errors.Is(err, nat.ErrPortsExhausted):
+		return netstack.Refuse(limit, err)
+	case errors.Is(err, nat.ErrPingUnavailable):
+		return netstack.Refuse(netstack.RefuseDrop, err)
+	}
+	return err
+}
+
+func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error) {
+	if err := h.policy.Check(nat.TCP, dst); err != nil {
+		return nil, refusal(err, netstack.RefuseReset)
+	}
+	c := &tcpConn{}
+	flow, err := h.table.Insert(nat.Key{Proto: nat.TCP, Client: src, Dest: dst}, "", c.evict)
+	if err != nil {
+		return nil, refusal(err, netstack.RefuseReset)
+	}
+	conn, err := h.egress.DialTCP(ctx, dst)
+	if err != nil {
+		flow.End(nat.ReasonReset)
+		if errors.Is(err, nat.ErrPortsExhausted) {
+			return nil, refusal(err, netstack.RefuseReset)
+		}
+		h.log.Debug("dial failed", zap.Stringer("dst", dst), zap.Error(err))
+		return nil, err
+	}
+	if local, ok := conn.LocalAddr().(*net.TCPAddr); ok {
+		flow.SetEgress(local.AddrPort())
+	}
+	flow.SetState(nat.StateEstablished)
+	c.TCPConn, c.flow = conn, flow
+	c.ready.Store(true)
+	if c.evicted.Load() {
+		// The table ended the flow while the dial was in progress.
+		conn.Close()
+		return nil, netstack.Refuse(netstack.RefuseReset, errors.New("gateway: flow evicted during dial"))
+	}
+	return c, nil
+}
+
+func (h *handler) HandleUDP(src, dst netip.AddrPort, payload []byte) error {
+	if err := h.policy.Check(nat.UDP, dst); err != nil {
+		return refusal(err, netstack.RefuseHostUnreachable)
+	}
+	if err := h.udp.Send("", src, dst, payload); err != nil {
+		return refusal(err, netstack.RefuseHostUnreachable)
+	}
+	return nil
+}
+
+func (h *handler) HandleEcho(src, dst netip.Addr, id, seq uint16, payload []byte) error {
+	if err := h.policy.Check(nat.ICMP, netip.AddrPortFrom(dst, 0)); err != nil {
+		return refusal(err, netstack.RefuseDrop)
+	}
+	if err := h.pinger.Echo("", src, dst, id, seq, payload); err != nil {
+		return refusal(err, netstack.RefuseDrop)
+	}
+	return nil
+}
+
+func (s *Server) deliverUDP(src, dst netip.AddrPort, payload []byte) {
+	s.stack.WriteUDP(src, dst, payload)
+}
+
+func (s *Server) deliverEcho(src, dst netip.Addr, id, seq uint16, payload []byte) {
+	s.stack.WriteEchoReply(src, dst, id, seq, payload)
+}
+
+// tcpConn is an egress connection that accounts for itself in its flow.
+// The stack relays through it; the table can evict it.
+type tcpConn struct {
+	*net.TCPConn
+	flow    *nat.Flow
+	ready   atomic.Bool // TCPConn and flow are set
+	evicted atomic.Bool
+}
+
+var _ netstack.SegmentCounter = (*tcpConn)(nil)
+
+func (c *tcpConn) Read(p []byte) (int, error) {
+	n, err := c.TCPConn.Read(p)
+	if n > 0 {
+		c.flow.CountReply(n, 0)
+	}
+	if errors.Is(err, io.EOF) {
+		c.flow.SetState(nat.StateClosing)
+	}
+	return n, err
+}
+
+func (c *tcpConn) Write(p []byte) (int, error) {
+	n, err := c.TCPConn.Write(p)
+	if n > 0 {
+		c.flow.CountOrig(n, 0)
+	}
+	return n, err
+}
+
+func (c *tcpConn) CloseWrite() error {
+	c.flow.SetState(nat.StateClosing)
+	return c.TCPConn.CloseWrite()
+}
+
+func (c *tcpConn) CountSegments(fromClient, toClient uint64) {
+	c.flow.CountOrig(0, int(fromClient))
+	c.flow.CountReply(0, int(toClient))
+}
+
+func (c *tcpConn) Close() error {
+	reason := nat.ReasonClosed
+	if c.evicted.Load() {
+		reason = nat.ReasonEvicted
+	}
+	c.flow.End(reason)
+	return c.TCPConn.Close()
+}
+
+// evict is the flow's closer: the table ends the flow (idle timeout, an
+// operator's request, shutdown). Resetting the egress socket makes the
+// relay fail, which resets the client too.
+func (c *tcpConn) evict(nat.Reason) {
+	c.evicted.Store(true)
+	if c.ready.Load() {
+		c.SetLinger(0)
+		c.TCPConn.Close()
+	}
+}
