@@ -8,6 +8,8 @@ import (
 // IP protocol numbers the stack looks at before gVisor does.
 const (
 	protoICMPv4 = 1
+	protoTCP    = 6
+	protoUDP    = 17
 	protoICMPv6 = 58
 )
 

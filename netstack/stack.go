@@ -216,10 +216,8 @@ func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 		// gVisor answers IPv6 pings for any address it accepts; the
 		// gateway must never answer on a destination's behalf, so echo
 		// requests are taken out before the stack sees them.
-		if pi.proto == protoICMPv6 || pi.fragment {
-			if s.interceptICMPv6(b, pi) {
-				continue
-			}
+		if pi.proto != protoTCP && pi.proto != protoUDP && s.interceptICMPv6(b, pi) {
+			continue
 		}
 		s.link.deliver(header.IPv6ProtocolNumber, b)
 	}
