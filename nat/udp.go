@@ -201,6 +201,9 @@ func (u *UDPMapper) Send(peer string, src, dst netip.AddrPort, payload []byte) e
 			// lookup and use. Open a fresh one.
 			continue
 		}
+		// Counted as seen, like conntrack does, before it leaves: the
+		// reply can come back before the write returns.
+		f.CountOrig(len(payload), 1)
 		if _, err := m.conn.WriteToUDPAddrPort(payload, dst); err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				// The flow expired after flowTo and took the socket
@@ -213,7 +216,6 @@ func (u *UDPMapper) Send(peer string, src, dst netip.AddrPort, payload []byte) e
 			}
 			return fmt.Errorf("nat: udp %s->%s via %s: %w", src, dst, m.egress, err)
 		}
-		f.CountOrig(len(payload), 1)
 		return nil
 	}
 }

@@ -478,8 +478,11 @@ func TestUDPSendErrors(t *testing.T) {
 			t.Errorf("error still wraps *net.OpError: %v", err)
 		}
 		t.Log(err)
-		if e := f.table.Lookup(Key{UDP, client1, srv.addr}).Entry(); e.OrigPackets != 0 {
-			t.Errorf("failed send counted: %+v", e)
+		// Like conntrack, the table counts what the client sent as it is
+		// seen, before it leaves; a datagram the socket refuses still
+		// came from the client.
+		if e := f.table.Lookup(Key{UDP, client1, srv.addr}).Entry(); e.OrigPackets != 1 || e.OrigBytes != 70000 {
+			t.Errorf("refused datagram not counted as seen: %+v", e)
 		}
 	})
 

@@ -185,7 +185,7 @@ func TestTCPHTTPGet(t *testing.T) {
 	}))
 	defer srv.Close()
 
-	hc := &http.Client{Transport: &http.Transport{DialContext: f.client.DialContext}}
+	hc := &http.Client{Transport: &http.Transport{DialContext: f.client.DialContext, DisableKeepAlives: true}}
 	resp, err := hc.Get(srv.URL)
 	if err != nil {
 		t.Fatal(err)
@@ -197,6 +197,13 @@ func TestTCPHTTPGet(t *testing.T) {
 	}
 	if sha256.Sum256(got) != sha256.Sum256(body) {
 		t.Fatalf("body: got %d bytes, want %d identical bytes", len(got), len(body))
+	}
+	// The segment counts are final once the relay is done.
+	for deadline := time.Now().Add(5 * time.Second); f.s.Stats().TCPRelays > 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the relay did not end after the client closed")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	if in, out := f.h.segIn.Load(), f.h.segOut.Load(); in == 0 || out < 1<<20/1420 {
 		t.Errorf("segments reported: %d from client, %d to client; want >0 and >= %d", in, out, 1<<20/1420)

@@ -6,6 +6,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -199,6 +200,9 @@ type relay struct {
 	ep       tcpip.Endpoint
 	upstream net.Conn
 
+	// Segments reported so far, each direction written by its own copy.
+	reportedIn, reportedOut atomic.Uint64
+
 	abortOnce sync.Once
 }
 
@@ -238,9 +242,39 @@ func (rl *relay) run(log *zap.Logger) {
 	}
 	if err2 := <-errc; err2 != nil {
 		rl.abort()
+	} else if err == nil {
+		// Both sides closed cleanly. Wait, briefly, for the client to take
+		// the last of the data and our FIN, so that the flow's final counts
+		// include every segment.
+		rl.awaitClosed()
+		if counter != nil && stats != nil {
+			rl.reportRest(counter, stats)
+		}
 	}
 	rl.client.Close()
 	rl.upstream.Close()
+}
+
+// closeWait bounds how long a relay waits for the client to acknowledge
+// the end of a cleanly closed connection.
+const closeWait = time.Second
+
+func (rl *relay) awaitClosed() {
+	deadline := time.Now().Add(closeWait)
+	for time.Now().Before(deadline) {
+		switch tcp.EndpointState(rl.ep.State()) {
+		case tcp.StateTimeWait, tcp.StateClose, tcp.StateError:
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// reportRest reports the segments sent and received since the copies
+// last reported.
+func (rl *relay) reportRest(counter SegmentCounter, stats *tcp.Stats) {
+	in, out := stats.SegmentsReceived.Value(), stats.SegmentsSent.Value()
+	counter.CountSegments(in-rl.reportedIn.Load(), out-rl.reportedOut.Load())
 }
 
 // copy moves bytes from src to dst until src's EOF (nil) or an error.
@@ -248,22 +282,18 @@ func (rl *relay) copy(dst io.Writer, src io.Reader, counter SegmentCounter, stat
 	bp := relayBufs.Get().(*[]byte)
 	defer relayBufs.Put(bp)
 	buf := *bp
-	var reported uint64
 	report := func() {
 		if counter == nil || stats == nil {
 			return
 		}
-		var now uint64
 		if fromClient {
-			now = stats.SegmentsReceived.Value()
-		} else {
-			now = stats.SegmentsSent.Value()
-		}
-		if d := now - reported; d > 0 {
-			reported = now
-			if fromClient {
+			now := stats.SegmentsReceived.Value()
+			if d := now - rl.reportedIn.Swap(now); d > 0 {
 				counter.CountSegments(d, 0)
-			} else {
+			}
+		} else {
+			now := stats.SegmentsSent.Value()
+			if d := now - rl.reportedOut.Swap(now); d > 0 {
 				counter.CountSegments(0, d)
 			}
 		}
