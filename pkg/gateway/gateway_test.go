@@ -44,7 +44,7 @@ type harness struct {
 	client *netstacktest.Client
 }
 
-func start(t *testing.T, mod func(*Options)) *harness {
+func start(t testing.TB, mod func(*Options)) *harness {
 	t.Helper()
 	a, b, err := memtun.NewPair(memtun.Options{})
 	if err != nil {
@@ -104,7 +104,7 @@ func copyPackets(dst, src tun.Device, wg *sync.WaitGroup) {
 	}
 }
 
-func inSlice(t *testing.T, what string, ap netip.AddrPort) {
+func inSlice(t testing.TB, what string, ap netip.AddrPort) {
 	t.Helper()
 	if !slice.Contains(ap.Port()) {
 		t.Errorf("%s: source port %d is outside the egress slice %s", what, ap.Port(), slice)
