@@ -151,9 +151,11 @@ func TestServeTUNEndToEnd(t *testing.T) {
 				}
 				want := fmt.Sprintf("status=200 bytes=%d sha256=%s", e2eBlobSize, wantHash)
 				for _, l := range lines {
-					if l != want {
-						t.Errorf("GET %s: got %q, want %q", url, l, want)
+					got, elapsed, _ := strings.Cut(l, " elapsed=")
+					if got != want {
+						t.Errorf("GET %s: got %q, want %q", url, got, want)
 					}
+					t.Logf("GET %s took %s", url, elapsed)
 				}
 				httpSrv.waitPeers(t, f.gwServer, 3, 5*time.Second)
 			})
@@ -368,8 +370,16 @@ func newE2ETopology(t *testing.T, ctx context.Context) *e2eTopology {
 		e2eIP(t, ctx, "-n", topo.g, fam, "addr", "add", f.prefix(f.gwServer), "dev", "g-s", "nodad")
 		e2eIP(t, ctx, "-n", topo.s, fam, "addr", "add", f.prefix(f.server), "dev", "s-g", "nodad")
 	}
-	for _, l := range []struct{ ns, dev string }{{topo.c, "c-g"}, {topo.g, "g-c"}, {topo.g, "g-s"}, {topo.s, "s-g"}} {
+	veths := []struct{ ns, dev string }{{topo.c, "c-g"}, {topo.g, "g-c"}, {topo.g, "g-s"}, {topo.s, "s-g"}}
+	for _, l := range veths {
 		e2eIP(t, ctx, "-n", l.ns, "link", "set", l.dev, "up")
+	}
+	// Until the kernel's link watcher has processed carrier-up, a veth
+	// keeps its no-op qdisc and drops what it sends: a neighbour
+	// advertisement lost that way costs the first flow a 1 s retry. Asking
+	// for the link's state makes the kernel process the pending event.
+	for _, l := range veths {
+		e2eWaitOperUp(t, ctx, l.ns, l.dev, 5*time.Second)
 	}
 	for _, f := range e2eFamilies() {
 		fam := "-4"
@@ -381,6 +391,22 @@ func newE2ETopology(t *testing.T, ctx context.Context) *e2eTopology {
 		e2eIP(t, ctx, "-n", topo.g, fam, "rule", "add", "iif", "g-c", "lookup", e2eTable)
 	}
 	return topo
+}
+
+// e2eWaitOperUp waits until dev in ns has operational state UP.
+func e2eWaitOperUp(t *testing.T, ctx context.Context, ns, dev string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		out, err := exec.CommandContext(ctx, "ip", "-n", ns, "-o", "link", "show", "dev", dev).Output()
+		if err == nil && strings.Contains(string(out), " state UP ") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s in %s not operationally up after %v: %q, %v", dev, ns, timeout, out, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // routeIntoTUN sends everything arriving from C into the TUN, once it exists.
@@ -861,6 +887,7 @@ func e2eHelperHTTPGet(args []string) error {
 		Transport: &http.Transport{DisableKeepAlives: true, DisableCompression: true},
 	}
 	for range n {
+		start := time.Now()
 		resp, err := client.Get(args[0])
 		if err != nil {
 			return err
@@ -871,7 +898,7 @@ func e2eHelperHTTPGet(args []string) error {
 		if err != nil {
 			return fmt.Errorf("read body after %d bytes: %w", nb, err)
 		}
-		fmt.Printf("status=%d bytes=%d sha256=%x\n", resp.StatusCode, nb, h.Sum(nil))
+		fmt.Printf("status=%d bytes=%d sha256=%x elapsed=%v\n", resp.StatusCode, nb, h.Sum(nil), time.Since(start))
 	}
 	return nil
 }
