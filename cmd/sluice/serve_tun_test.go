@@ -32,8 +32,9 @@ import (
 // The end-to-end topology: three network namespaces that this test creates
 // and deletes, so every packet stays inside them.
 //
-//	C (client) c-g ──veth── g-c  G (gateway, runs sluice)  g-s ──veth── s-g  S (server)
-//	10.77.1.2   fd77:1::2      10.77.1.1  fd77:1::1   10.77.2.1  fd77:2::1      10.77.2.2  fd77:2::2
+//	C (client)   c-g ──veth── g-c   G (sluice)   g-s ──veth── s-g   S (server)
+//	10.77.1.2                 10.77.1.1          10.77.2.1          10.77.2.2
+//	fd77:1::2                 fd77:1::1          fd77:2::1          fd77:2::2
 //
 // G sends everything that arrives from C into sluice's TUN (policy routing),
 // and S has no route back to C: a reply can only reach C if sluice
@@ -119,7 +120,7 @@ func TestServeTUNEndToEnd(t *testing.T) {
 			// No protocol: TCP and UDP to this port are both denied.
 			"--deny", netip.AddrPortFrom(f.server, e2eDeniedPort).String())
 	}
-	gw := e2eStartSluice(t, ctx, topo.g, bin, args...)
+	gw := e2eStartSluice(t, topo.g, bin, args...)
 	gw.waitUp(t, ctx, topo.g, e2eTUN, 20*time.Second)
 	topo.routeIntoTUN(t, ctx, e2eTUN)
 
@@ -132,8 +133,8 @@ func TestServeTUNEndToEnd(t *testing.T) {
 			netip.AddrPortFrom(f.server, e2eUDPEchoPort).String(),
 			netip.AddrPortFrom(f.server, e2eDeniedPort).String())
 	}
-	httpSrv := e2eStartHelper(t, ctx, topo.s, "http-server", tcpListen...)
-	udpSrv := e2eStartHelper(t, ctx, topo.s, "udp-echo-server", udpListen...)
+	httpSrv := e2eStartHelper(t, topo.s, "http-server", tcpListen...)
+	udpSrv := e2eStartHelper(t, topo.s, "udp-echo-server", udpListen...)
 	httpSrv.waitReady(t, 10*time.Second)
 	udpSrv.waitReady(t, 10*time.Second)
 
@@ -438,11 +439,28 @@ func e2eRemoveStaleNamespaces(t *testing.T, ctx context.Context) {
 		if err != nil || pid == os.Getpid() {
 			continue
 		}
-		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+		if !e2eProcessAlive(pid) {
 			t.Logf("deleting namespace %s left by dead test process %d", name, pid)
 			_ = exec.CommandContext(ctx, "ip", "netns", "del", name).Run()
 		}
 	}
+}
+
+// e2eProcessAlive reports whether pid is a running process: a zombie,
+// which a container's init may never reap, counts as dead.
+func e2eProcessAlive(pid int) bool {
+	if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+		return false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return !errors.Is(err, os.ErrNotExist)
+	}
+	// The state follows the command name, which is in parentheses.
+	if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) {
+		return stat[i+2] != 'Z'
+	}
+	return true
 }
 
 func e2eIP(t *testing.T, ctx context.Context, args ...string) {
@@ -549,7 +567,7 @@ func e2eStart(t *testing.T, name, ns string, env []string, argv ...string) *e2eP
 	return p
 }
 
-func e2eStartSluice(t *testing.T, ctx context.Context, ns, bin string, args ...string) *e2eProc {
+func e2eStartSluice(t *testing.T, ns, bin string, args ...string) *e2eProc {
 	t.Helper()
 	t.Logf("ip netns exec %s sluice %s", ns, strings.Join(args, " "))
 	return e2eStart(t, "sluice", ns, nil, append([]string{bin}, args...)...)
@@ -600,7 +618,7 @@ func e2eHelperCmd(role string, args ...string) (argv, env []string) {
 	return argv, []string{e2eHelperEnv + "=" + role, "GORACE=" + gorace}
 }
 
-func e2eStartHelper(t *testing.T, ctx context.Context, ns, role string, args ...string) *e2eProc {
+func e2eStartHelper(t *testing.T, ns, role string, args ...string) *e2eProc {
 	t.Helper()
 	argv, env := e2eHelperCmd(role, args...)
 	return e2eStart(t, role, ns, env, argv...)
