@@ -161,6 +161,39 @@ func TestServeTUNEndToEnd(t *testing.T) {
 				httpSrv.waitPeers(t, f.gwServer, 3, 5*time.Second)
 			})
 
+			t.Run("CurlGet1MiB", func(t *testing.T) {
+				curl := e2eLookTool(t, "curl")
+				url := "http://" + netip.AddrPortFrom(f.server, e2eHTTPPort).String() + "/blob"
+				// -g: the brackets of an IPv6 URL are not a glob.
+				body, stderr, _, err := e2eRunTool(ctx, topo.c, 20*time.Second, curl, "-sS", "-g", "--fail", "--max-time", "15", url)
+				if err != nil {
+					t.Fatalf("curl %s: %v: %s", url, err, stderr)
+				}
+				sum := sha256.Sum256(body)
+				if len(body) != e2eBlobSize || hex.EncodeToString(sum[:]) != wantHash {
+					t.Errorf("curl %s: %d bytes with sha256 %x, want %d bytes with sha256 %s", url, len(body), sum, e2eBlobSize, wantHash)
+				}
+			})
+
+			t.Run("CurlDeniedUnreachable", func(t *testing.T) {
+				curl := e2eLookTool(t, "curl")
+				url := "http://" + netip.AddrPortFrom(f.server, e2eDeniedPort).String() + "/blob"
+				body, stderr, elapsed, err := e2eRunTool(ctx, topo.c, 20*time.Second, curl, "-sS", "-v", "-g", "--fail", "--max-time", "8", url)
+				if err == nil {
+					t.Fatalf("curl %s (denied by policy, yet S serves there) succeeded with %d bytes", url, len(body))
+				}
+				// Linux reports ICMPv6 "administratively prohibited" as
+				// EACCES, "Permission denied".
+				msg := string(stderr)
+				if !strings.Contains(msg, "No route to host") && !strings.Contains(msg, "Network is unreachable") &&
+					!strings.Contains(msg, "prohibited") && !strings.Contains(msg, "Permission denied") {
+					t.Errorf("curl %s: %v: %s; want an ICMP unreachable: No route to host, Network is unreachable, prohibited or (IPv6) Permission denied", url, err, msg)
+				}
+				if elapsed > e2eRefuseWithin {
+					t.Errorf("curl %s: refused after %v, want within %v", url, elapsed, e2eRefuseWithin)
+				}
+			})
+
 			t.Run("UDPEcho", func(t *testing.T) {
 				dst := netip.AddrPortFrom(f.server, e2eUDPEchoPort).String()
 				out := e2eRunHelper(t, ctx, topo.c, 15*time.Second, "udp-echo", dst)
@@ -174,6 +207,21 @@ func TestServeTUNEndToEnd(t *testing.T) {
 				out := e2eRunHelper(t, ctx, topo.c, 15*time.Second, "ping", f.server.String(), "3")
 				if got, want := strings.TrimSpace(out), "replies=3"; got != want {
 					t.Errorf("ping %s: got %q, want %q", f.server, got, want)
+				}
+			})
+
+			t.Run("SystemPing", func(t *testing.T) {
+				ping := e2eLookTool(t, "ping")
+				fam := "-4"
+				if f.server.Is6() {
+					fam = "-6"
+				}
+				out, stderr, _, err := e2eRunTool(ctx, topo.c, 15*time.Second, ping, fam, "-n", "-c", "3", "-i", "0.2", "-W", "2", f.server.String())
+				if err != nil {
+					t.Fatalf("ping %s: %v\n%s%s", f.server, err, out, stderr)
+				}
+				if !strings.Contains(string(out), "3 packets transmitted, 3 received") {
+					t.Errorf("ping %s: want 3 replies of 3:\n%s", f.server, out)
 				}
 			})
 
@@ -711,6 +759,31 @@ func e2eRunHelper(t *testing.T, ctx context.Context, ns string, timeout time.Dur
 		t.Fatalf("helper %s %s in %s: %v\nstdout:\n%s\nstderr:\n%s", role, strings.Join(args, " "), ns, err, stdout.String(), stderr.String())
 	}
 	return stdout.String()
+}
+
+// e2eLookTool finds a Debian tool the test uses as an independent client,
+// or skips the subtest.
+func e2eLookTool(t *testing.T, name string) string {
+	t.Helper()
+	path, err := exec.LookPath(name)
+	if err != nil {
+		t.Skipf("%s is not installed (make deps installs it); skipping this check", name)
+	}
+	return path
+}
+
+// e2eRunTool runs a program inside ns and returns its output, how long it
+// ran and its error.
+func e2eRunTool(ctx context.Context, ns string, timeout time.Duration, argv ...string) (stdout, stderr []byte, elapsed time.Duration, err error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns}, argv...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	start := time.Now()
+	err = cmd.Run()
+	return out.Bytes(), errOut.Bytes(), time.Since(start), err
 }
 
 func e2eNonEmptyLines(s string) []string {
