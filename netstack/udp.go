@@ -1,6 +1,7 @@
 package netstack
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 
@@ -50,7 +51,7 @@ func (s *Stack) refuse(q []byte, err error, fallback Refusal) {
 		return
 	}
 	mtu := 0
-	if re, ok := err.(*RefusalError); ok {
+	if re := (*RefusalError)(nil); errors.As(err, &re) {
 		mtu = re.MTU
 	}
 	s.sendICMPError(q, how, mtu)

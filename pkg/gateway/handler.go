@@ -35,6 +35,7 @@ func refusal(err error, limit netstack.Refusal) error {
 
 func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error) {
 	if err := h.policy.Check(nat.TCP, dst); err != nil {
+		h.log.Debug("flow denied", zap.Stringer("src", src), zap.Error(err))
 		return nil, refusal(err, netstack.RefuseReset)
 	}
 	c := &tcpConn{}
