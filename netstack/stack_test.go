@@ -119,29 +119,6 @@ func (h *dialHandler) close() {
 	h.wg.Wait()
 }
 
-// pump copies packets from one device to the other until either closes.
-func pump(dst, src tun.Device, wg *sync.WaitGroup) {
-	defer wg.Done()
-	bufs := make([][]byte, src.BatchSize())
-	sizes := make([]int, len(bufs))
-	for i := range bufs {
-		bufs[i] = make([]byte, 65535)
-	}
-	for {
-		n, err := src.Read(bufs, sizes, 0)
-		if err != nil {
-			return
-		}
-		out := make([][]byte, n)
-		for i := range out {
-			out[i] = bufs[i][:sizes[i]]
-		}
-		if _, err := dst.Write(out, 0); err != nil {
-			return
-		}
-	}
-}
-
 type fixture struct {
 	s      *Stack
 	h      *dialHandler
@@ -164,14 +141,11 @@ func newFixture(t *testing.T, mod func(*Options, *dialHandler)) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go pump(s, client, &wg)
-	go pump(client, s, &wg)
+	wait := netstacktest.Join(s, client)
 	t.Cleanup(func() {
 		client.Close()
 		s.Close()
-		wg.Wait()
+		wait()
 		h.close()
 	})
 	return &fixture{s: s, h: h, client: client}

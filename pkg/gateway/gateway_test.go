@@ -17,8 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.zx2c4.com/wireguard/tun"
-
 	"github.com/sluice-vpn/sluice/nat"
 	"github.com/sluice-vpn/sluice/netstack/netstacktest"
 	"github.com/sluice-vpn/sluice/tunnel/memtun"
@@ -69,39 +67,14 @@ func start(t testing.TB, mod func(*Options)) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go copyPackets(a, client, &wg)
-	go copyPackets(client, a, &wg)
+	wait := netstacktest.Join(a, client)
 	t.Cleanup(func() {
 		client.Close()
 		a.Close()
 		srv.Close()
-		wg.Wait()
+		wait()
 	})
 	return &harness{srv: srv, client: client}
-}
-
-func copyPackets(dst, src tun.Device, wg *sync.WaitGroup) {
-	defer wg.Done()
-	bufs := make([][]byte, src.BatchSize())
-	sizes := make([]int, len(bufs))
-	for i := range bufs {
-		bufs[i] = make([]byte, 65535)
-	}
-	out := make([][]byte, len(bufs))
-	for {
-		n, err := src.Read(bufs, sizes, 0)
-		if err != nil {
-			return
-		}
-		for i := range n {
-			out[i] = bufs[i][:sizes[i]]
-		}
-		if _, err := dst.Write(out[:n], 0); err != nil {
-			return
-		}
-	}
 }
 
 func inSlice(t testing.TB, what string, ap netip.AddrPort) {
