@@ -1,0 +1,65 @@
+// Package admin is the gateway's control API: JSON over HTTP, served only
+// on a unix socket in the state directory (or on loopback), never on a
+// public address. The CLI's peer commands talk to a running gateway
+// through it.
+package admin
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"time"
+)
+
+// PeerInfo describes a peer and its WireGuard status.
+type PeerInfo struct {
+	Name          string       `json:"name"`
+	PublicKey     string       `json:"public_key"`
+	Addrs         []netip.Addr `json:"addrs"`
+	Endpoint      string       `json:"endpoint,omitempty"`
+	LastHandshake *time.Time   `json:"last_handshake,omitempty"`
+	RxBytes       uint64       `json:"rx_bytes"`
+	TxBytes       uint64       `json:"tx_bytes"`
+}
+
+// ServerInfo is what a client configuration needs to know of the gateway.
+type ServerInfo struct {
+	PublicKey  string       `json:"public_key"`
+	ListenPort int          `json:"listen_port"`
+	DNS        []netip.Addr `json:"dns"`
+	MTU        int          `json:"mtu"`
+	// Endpoint is the public HOST:PORT the operator configured; empty
+	// when the gateway was not told it.
+	Endpoint string `json:"endpoint,omitempty"`
+}
+
+// AddPeerRequest adds a peer. The private key never travels: the caller
+// keeps it and sends the public key.
+type AddPeerRequest struct {
+	Name         string `json:"name"`
+	PublicKey    string `json:"public_key"`
+	PresharedKey string `json:"preshared_key,omitempty"`
+}
+
+// AddPeerResponse is the new peer and the gateway's side of its
+// configuration.
+type AddPeerResponse struct {
+	Peer   PeerInfo   `json:"peer"`
+	Server ServerInfo `json:"server"`
+}
+
+// Backend is what the API serves. Its errors wrap ErrNotFound, ErrConflict
+// or ErrInvalid where those apply, which become 404, 409 and 400.
+type Backend interface {
+	Peers(ctx context.Context) ([]PeerInfo, error)
+	AddPeer(ctx context.Context, req AddPeerRequest) (AddPeerResponse, error)
+	RemovePeer(ctx context.Context, name string) error
+	Server(ctx context.Context) (ServerInfo, error)
+}
+
+// Error classes a Backend reports.
+var (
+	ErrNotFound = errors.New("not found")
+	ErrConflict = errors.New("conflict")
+	ErrInvalid  = errors.New("invalid request")
+)
