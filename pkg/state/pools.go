@@ -120,5 +120,14 @@ func (p pool) allocate(used map[netip.Addr]struct{}) (netip.Addr, error) {
 			return a, nil
 		}
 	}
-	return netip.Addr{}, fmt.Errorf("%w: every address of %s is assigned (widen the pool or remove peers)", ErrPoolExhausted, p)
+	return netip.Addr{}, exhaustedError{p}
 }
+
+// exhaustedError says which pool ran out; it matches ErrPoolExhausted.
+type exhaustedError struct{ pool pool }
+
+func (e exhaustedError) Error() string {
+	return fmt.Sprintf("pool %s is exhausted: every address is assigned (widen the pool or remove peers)", e.pool)
+}
+
+func (e exhaustedError) Is(target error) bool { return target == ErrPoolExhausted }

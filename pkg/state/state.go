@@ -277,18 +277,15 @@ func (st *State) AddPeer(p Peer) (Peer, error) {
 			}
 		}
 	} else {
+		if err := st.Pools.Validate(); err != nil {
+			return Peer{}, fmt.Errorf("state: add peer %q: %w", p.Name, err)
+		}
 		for _, pool := range st.Pools.enabled() {
-			if err := pool.validate(""); err != nil {
-				return Peer{}, fmt.Errorf("state: add peer %q: pool %s: %w", p.Name, pool, err)
-			}
 			a, err := pool.allocate(used)
 			if err != nil {
 				return Peer{}, fmt.Errorf("state: add peer %q: %w", p.Name, err)
 			}
 			p.Addrs = append(p.Addrs, a)
-		}
-		if len(p.Addrs) == 0 {
-			return Peer{}, fmt.Errorf("state: add peer %q: no address pool is enabled", p.Name)
 		}
 	}
 	if p.Created.IsZero() {

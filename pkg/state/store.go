@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -143,17 +144,24 @@ func decode(data []byte) (*State, error) {
 	}
 	// A first pass over the syntax alone gives an offset for every error,
 	// and tells a file cut off mid-write from one that is garbled.
+	syntax := json.NewDecoder(bytes.NewReader(data))
 	var raw json.RawMessage
-	if err := json.Unmarshal(data, &raw); err != nil {
+	if err := syntax.Decode(&raw); err != nil {
 		var se *json.SyntaxError
-		if !errors.As(err, &se) {
+		switch {
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return nil, fmt.Errorf("truncated JSON at byte %d", len(data))
+		case errors.As(err, &se):
+			line, col := position(data, se.Offset)
+			return nil, fmt.Errorf("invalid JSON at byte %d (line %d, column %d): %w", se.Offset, line, col, err)
+		default:
 			return nil, fmt.Errorf("invalid JSON: %w", err)
 		}
-		if se.Offset >= int64(end) {
-			return nil, fmt.Errorf("truncated JSON at byte %d", se.Offset)
-		}
-		line, col := position(data, se.Offset)
-		return nil, fmt.Errorf("invalid JSON at byte %d (line %d, column %d): %w", se.Offset, line, col, err)
+	}
+	if off := syntax.InputOffset(); off < int64(end) {
+		first := off + int64(len(data[off:])-len(bytes.TrimLeft(data[off:], " \t\r\n"))) + 1
+		line, col := position(data, first)
+		return nil, fmt.Errorf("invalid JSON at byte %d (line %d, column %d): more data after the end of the state", first, line, col)
 	}
 	var st State
 	dec := json.NewDecoder(bytes.NewReader(data))
@@ -166,7 +174,11 @@ func decode(data []byte) (*State, error) {
 			line, col := position(data, te.Offset)
 			return nil, fmt.Errorf("wrong type at byte %d (line %d, column %d): field %s: %s where %s was expected", te.Offset, line, col, te.Field, te.Value, te.Type)
 		}
-		return nil, fmt.Errorf("invalid value: %s", strings.TrimPrefix(err.Error(), "json: "))
+		msg := strings.TrimPrefix(err.Error(), "json: ")
+		if strings.HasPrefix(msg, "unknown field") {
+			return nil, errors.New(msg)
+		}
+		return nil, fmt.Errorf("invalid value: %s", msg)
 	}
 	if err := st.Validate(); err != nil {
 		return nil, err
@@ -174,15 +186,14 @@ func decode(data []byte) (*State, error) {
 	return &st, nil
 }
 
-// position returns the 1-based line and column of byte offset off.
+// position returns the line and column of the byte that ends at offset
+// off: encoding/json reports an error "after reading off bytes", so the
+// culprit is byte off (counting from 1), at index off-1.
 func position(data []byte, off int64) (line, col int) {
-	off = min(max(off, 0), int64(len(data)))
-	before := data[:off]
+	i := int(min(max(off-1, 0), int64(len(data))))
+	before := data[:i]
 	line = bytes.Count(before, []byte{'\n'}) + 1
-	col = int(off) - (bytes.LastIndexByte(before, '\n') + 1)
-	if col == 0 {
-		col = 1 // the syntax error offset is just past the bad byte
-	}
+	col = i - bytes.LastIndexByte(before, '\n')
 	return line, col
 }
 
