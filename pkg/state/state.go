@@ -85,6 +85,11 @@ type State struct {
 	Pools Pools `json:"pools"`
 	// Peers are the gateway's clients, in the order they were added.
 	Peers []Peer `json:"peers"`
+	// ListenPort is the UDP port the gateway last listened on, and
+	// Endpoint the public HOST:PORT it was told, if any: what a peer
+	// added while the gateway is stopped needs for its configuration.
+	ListenPort int    `json:"listen_port,omitempty"`
+	Endpoint   string `json:"endpoint,omitempty"`
 }
 
 // New returns a valid State with no peers, or an error naming the field
@@ -126,6 +131,9 @@ func (st *State) Validate() error {
 	}
 	if err := st.Pools.validate("pools"); err != nil {
 		return err
+	}
+	if st.ListenPort < 0 || st.ListenPort > 65535 {
+		return fieldErr("listen_port", "%d is outside 1-65535", st.ListenPort)
 	}
 	gw := st.GatewayAddrs()
 	names := make(map[string]int, len(st.Peers))
