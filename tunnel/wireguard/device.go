@@ -133,7 +133,7 @@ func newDevice(dev tun.Device, opts Options) (*Device, error) {
 		owners: make(map[netip.Prefix]Key),
 	}
 	var uapi strings.Builder
-	fmt.Fprintf(&uapi, "private_key=%s\nlisten_port=%d\n", opts.PrivateKey.hex(), opts.ListenPort)
+	fmt.Fprintf(&uapi, "private_key=%s\n", opts.PrivateKey.hex())
 	for i, p := range opts.Peers {
 		field := fmt.Sprintf("Options.Peers[%d]", i)
 		if err := d.checkPeer(p, field); err != nil {
@@ -159,9 +159,16 @@ func newDevice(dev tun.Device, opts Options) (*Device, error) {
 		d.wg.Close()
 		return nil, fmt.Errorf("wireguard: configure device: %w", err)
 	}
+	// The device may already be up: wireguard-go brings it up by itself
+	// when dev reports tun.EventUp. Then the bind is opened by setting the
+	// port, otherwise by Up; either can find the port taken.
+	if err := d.wg.IpcSet(fmt.Sprintf("listen_port=%d\n", opts.ListenPort)); err != nil {
+		d.wg.Close()
+		return nil, fmt.Errorf("wireguard: listen on UDP port %d: %w", opts.ListenPort, err)
+	}
 	if err := d.wg.Up(); err != nil {
 		d.wg.Close()
-		return nil, fmt.Errorf("wireguard: bring device up on port %d: %w", opts.ListenPort, err)
+		return nil, fmt.Errorf("wireguard: listen on UDP port %d: %w", opts.ListenPort, err)
 	}
 	port, err := d.readListenPort()
 	if err != nil {
