@@ -194,6 +194,12 @@ func (d *Device) AddPeer(p Peer) error {
 	var uapi strings.Builder
 	writePeerUAPI(&uapi, p)
 	if err := d.wg.IpcSet(uapi.String()); err != nil {
+		if _, existed := d.peers[p.PublicKey]; !existed {
+			// The set operation creates the peer on its first line; do not
+			// leave a half-configured peer behind that Peers would list
+			// and RemovePeer would not know.
+			d.wg.IpcSet("public_key=" + p.PublicKey.hex() + "\nremove=true\n")
+		}
 		return fmt.Errorf("wireguard: add peer %s: %w", p.PublicKey.short(), err)
 	}
 	d.forget(p.PublicKey)
@@ -259,8 +265,8 @@ func (d *Device) Close() error {
 	return nil
 }
 
-// checkPeer validates p for this device; field names p in errors. It holds
-// or is called before d is shared, so d.owners is stable.
+// checkPeer validates p for this device; field names p in errors. The
+// caller holds d.mu, or d is not shared yet.
 func (d *Device) checkPeer(p Peer, field string) error {
 	if p.PublicKey.IsZero() {
 		return fmt.Errorf("wireguard: %s.PublicKey is required", field)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/sluice-vpn/sluice/tunnel/memtun"
+	"golang.zx2c4.com/wireguard/conn"
 )
 
 // These tests run real wireguard-go devices that talk UDP over loopback
@@ -560,5 +561,41 @@ func TestDeviceFixedPortAndClose(t *testing.T) {
 	}
 	if _, err := d.Peers(); !errors.Is(err, ErrClosed) {
 		t.Errorf("Peers after Close: %v", err)
+	}
+}
+
+// v4OnlyBind is the default bind refusing IPv6 endpoints, so that a set
+// operation can fail after it created the peer.
+type v4OnlyBind struct{ conn.Bind }
+
+func (b v4OnlyBind) ParseEndpoint(s string) (conn.Endpoint, error) {
+	ap, err := netip.ParseAddrPort(s)
+	if err == nil && !ap.Addr().Is4() {
+		return nil, errors.New("v4OnlyBind: IPv6 endpoint")
+	}
+	return b.Bind.ParseEndpoint(s)
+}
+
+// A peer whose configuration the device rejects is not left half made.
+func TestDeviceAddPeerFailureLeavesNoPeer(t *testing.T) {
+	n := newNode(t, Options{PrivateKey: genKey(t), Bind: v4OnlyBind{conn.NewDefaultBind()}})
+	pub := genKey(t).PublicKey()
+	err := n.dev.AddPeer(Peer{PublicKey: pub, Endpoint: netip.MustParseAddrPort("[::1]:51820"), AllowedIPs: prefixes(t, "100.96.0.2/32")})
+	if err == nil || !strings.Contains(err.Error(), "v4OnlyBind: IPv6 endpoint") {
+		t.Fatalf("AddPeer: %v, want the bind's error", err)
+	}
+	peers, err := n.dev.Peers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(peers) != 0 {
+		t.Fatalf("failed AddPeer left %+v", peers)
+	}
+	// Its address was not taken either.
+	if err := n.dev.AddPeer(Peer{PublicKey: pub, Endpoint: loopback(51820), AllowedIPs: prefixes(t, "100.96.0.2/32")}); err != nil {
+		t.Fatal(err)
+	}
+	if st := n.stats(t, pub); st.Endpoint != loopback(51820) {
+		t.Errorf("endpoint %v", st.Endpoint)
 	}
 }

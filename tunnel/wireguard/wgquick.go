@@ -174,6 +174,8 @@ type configParser struct {
 // sections and keys are errors, and every error names the line and the key.
 func ParseConfig(text string) (*Config, error) {
 	p := &configParser{peerLines: make(map[Key]int)}
+	// Editors on Windows may start the file with a byte-order mark.
+	text = strings.TrimPrefix(text, "\ufeff")
 	n := 0
 	for line := range strings.Lines(text) {
 		n++

@@ -172,6 +172,16 @@ func TestParseHandwritten(t *testing.T) {
 		t.Fatalf("parsed\n%+v\nwant\n%+v", cfg, want)
 	}
 	golden(t, "handwritten.canonical.conf", cfg.String())
+
+	// The same file with Windows line endings and a byte-order mark.
+	crlf := "\ufeff" + strings.ReplaceAll(readGolden(t, "handwritten.conf"), "\n", "\r\n")
+	cfg, err = ParseConfig(crlf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(cfg, want) {
+		t.Fatalf("CRLF file parsed\n%+v\nwant\n%+v", cfg, want)
+	}
 }
 
 func TestParseConfigErrors(t *testing.T) {
