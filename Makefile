@@ -3,8 +3,8 @@
 GO      ?= go
 BIN     := bin/sluice
 PKGS    := ./...
-# Flags for `make run`; the TUN mode needs root (CAP_NET_ADMIN).
-RUN_FLAGS ?= --tun sluice0
+# Flags for `make run`: none, a WireGuard server as the current user.
+RUN_FLAGS ?=
 
 .PHONY: all build test bench run deps clean
 

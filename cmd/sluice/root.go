@@ -14,6 +14,6 @@ conntrack, no kernel NAT.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newServeCmd())
+	root.AddCommand(newServeCmd(), newPeerCmd())
 	return root
 }

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strings"
 	"time"
 )
 
@@ -67,7 +68,8 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		case http.StatusBadRequest:
 			cls = ErrInvalid
 		}
-		return fmt.Errorf("%w: %s", cls, e.Error)
+		// The server's message already starts with its class.
+		return fmt.Errorf("%w: %s", cls, strings.TrimPrefix(e.Error, cls.Error()+": "))
 	}
 	if out == nil {
 		return nil

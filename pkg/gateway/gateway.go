@@ -1,13 +1,17 @@
 // Package gateway is sluice's VPN gateway as a library: it wires a packet
-// source (a kernel TUN device, an in-memory tunnel, later WireGuard) to a
-// user-space network stack that terminates every flow, and the stack to the
-// in-process NAT that re-dials each flow from the egress socket pool.
+// source to a user-space network stack that terminates every flow, and the
+// stack to the in-process NAT that re-dials each flow from the egress
+// socket pool. The packet source is either WireGuard (the stack is the
+// wireguard-go device's TUN side) or any tun.Device: a kernel TUN device,
+// an in-memory tunnel.
 //
 // The canonical use is
 //
-//	srv, err := gateway.New(gateway.Options{Device: dev})
+//	srv, err := gateway.New(gateway.Options{WireGuard: &gateway.WireGuardOptions{PrivateKey: key}})
 //	...
 //	err = srv.Start(ctx)
+//	...
+//	err = srv.AddPeer(gateway.Peer{Name: "laptop", PublicKey: pub, Addrs: addrs})
 //	...
 //	srv.Close()
 package gateway
@@ -16,31 +20,40 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/sluice-vpn/sluice/nat"
 	"github.com/sluice-vpn/sluice/netstack"
+	"github.com/sluice-vpn/sluice/tunnel/wireguard"
 )
 
-// Options configures a Server. The zero value of every field but Device
-// means a sensible default.
+// Options configures a Server. Exactly one of Device and WireGuard is
+// required; the zero value of every other field means a sensible default.
 type Options struct {
-	// Device is the packet source: every packet read from it is a client's
+	// Device is a packet source: every packet read from it is a client's
 	// IP packet, and the answers are written back to it. The server owns
-	// it from New on and closes it on Close. Required.
+	// it from New on and closes it on Close.
 	Device tun.Device
 
-	// MTU of the tunnel; zero means the Device's own MTU.
+	// WireGuard makes the server a WireGuard endpoint whose peers are the
+	// clients. Peers are added with AddPeer.
+	WireGuard *WireGuardOptions
+
+	// MTU of the tunnel; zero means the Device's own MTU, or 1420.
 	MTU int
 
 	// Egress configures the socket pool flows leave from.
 	Egress nat.EgressOptions
 	// Policy decides which destinations clients may reach. Its zero value
 	// denies the gateway host, loopback, link-local, private, CGNAT and
-	// multicast destinations.
+	// multicast destinations; the tunnel pools are in those ranges, so
+	// peers cannot reach each other unless a rule opens it.
 	Policy nat.PolicyOptions
 	// Table configures the connection table: its size and idle timeouts.
 	Table nat.TableOptions
@@ -51,15 +64,30 @@ type Options struct {
 	// [1024].
 	MaxInFlight int
 
+	// Addrs are the gateway's own tunnel addresses. It answers pings and
+	// DNS (UDP and TCP port 53) there, and nothing else.
+	Addrs []netip.Addr
+	// DNSUpstreams are the resolvers DNS queries to Addrs are forwarded
+	// to, through the egress pool. Empty: DNS on Addrs is refused.
+	DNSUpstreams []netip.AddrPort
+
 	// Logger receives the gateway's logs; nil means none.
 	Logger *zap.Logger
+}
+
+// WireGuardOptions configures the WireGuard front door.
+type WireGuardOptions struct {
+	PrivateKey wireguard.Key // required
+	ListenPort int           // UDP port; 0 picks a free one
+	Bind       conn.Bind     // nil: sockets on every address
 }
 
 // Server is a running gateway.
 type Server struct {
 	opts Options
 	log  *zap.Logger
-	dev  tun.Device
+	dev  tun.Device        // the packet source in TUN mode
+	wg   *wireguard.Device // the packet source in WireGuard mode
 
 	stack  *netstack.Stack
 	table  *nat.Table
@@ -67,30 +95,43 @@ type Server struct {
 	policy *nat.Policy
 	udp    *nat.UDPMapper
 	pinger *nat.Pinger
+	dns    *dnsForwarder
+
+	own    map[netip.Addr]bool                   // Addrs, read-only after New
+	owners atomic.Pointer[map[netip.Addr]string] // tunnel address -> peer name
+	peerMu sync.Mutex                            // serialises AddPeer and RemovePeer
+	peers  map[string]Peer                       // guarded by peerMu
 
 	mu      sync.Mutex
 	started bool
 	cancel  context.CancelFunc
-	wg      sync.WaitGroup
+	workers sync.WaitGroup
 
 	closeOnce sync.Once
 }
 
-// New builds a gateway from opts. Nothing runs until Start.
+// New builds a gateway from opts. Packets flow once Start is called.
 func New(opts Options) (srv *Server, err error) {
-	if opts.Device == nil {
-		return nil, errors.New("gateway: Options.Device is required")
+	if (opts.Device == nil) == (opts.WireGuard == nil) {
+		return nil, errors.New("gateway: give exactly one of Options.Device and Options.WireGuard")
 	}
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
-	if opts.MTU == 0 {
-		if opts.MTU, err = opts.Device.MTU(); err != nil || opts.MTU == 0 {
-			opts.MTU = 1420
+	if opts.MTU == 0 && opts.Device != nil {
+		if m, err := opts.Device.MTU(); err == nil {
+			opts.MTU = m
 		}
 	}
+	if opts.MTU == 0 {
+		opts.MTU = 1420
+	}
 	log := opts.Logger.Named("gateway")
-	s := &Server{opts: opts, log: log, dev: opts.Device}
+	s := &Server{opts: opts, log: log, dev: opts.Device, own: map[netip.Addr]bool{}, peers: map[string]Peer{}}
+	s.owners.Store(&map[netip.Addr]string{})
+	for _, a := range opts.Addrs {
+		s.own[a.Unmap()] = true
+	}
 	defer func() {
 		if err != nil {
 			s.teardown()
@@ -139,6 +180,18 @@ func New(opts Options) (srv *Server, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
+	s.dns = newDNSForwarder(s, opts.DNSUpstreams)
+	if wo := opts.WireGuard; wo != nil {
+		s.wg, err = wireguard.New(s.stack, wireguard.Options{
+			PrivateKey: wo.PrivateKey,
+			ListenPort: wo.ListenPort,
+			Bind:       wo.Bind,
+			Logger:     log.Named("wireguard"),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("gateway: %w", err)
+		}
+	}
 	return s, nil
 }
 
@@ -154,22 +207,28 @@ func (s *Server) Start(ctx context.Context) error {
 	ctx, s.cancel = context.WithCancel(ctx)
 	s.table.Start(ctx)
 
-	s.wg.Add(2)
-	go s.pump("tunnel->stack", s.stack, s.dev)
-	go s.pump("stack->tunnel", s.dev, s.stack)
+	fields := []zap.Field{zap.Int("mtu", s.opts.MTU), zap.Stringer("egress_ports", s.egress.Slice())}
+	if s.wg != nil {
+		fields = append(fields, zap.Int("listen_port", s.wg.ListenPort()), zap.Stringer("public_key", s.wg.PublicKey()))
+	} else {
+		// wireguard-go drives the stack itself; a plain device needs pumps.
+		s.workers.Add(2)
+		go s.pump("tunnel->stack", s.stack, s.dev)
+		go s.pump("stack->tunnel", s.dev, s.stack)
+		name, _ := s.dev.Name()
+		fields = append(fields, zap.String("device", name))
+	}
 	go func() {
 		<-ctx.Done()
 		s.Close()
 	}()
-	name, _ := s.dev.Name()
-	s.log.Info("gateway started",
-		zap.String("device", name), zap.Int("mtu", s.opts.MTU),
-		zap.Stringer("egress_ports", s.egress.Slice()))
+	s.log.Info("gateway started", fields...)
 	return nil
 }
 
-// Close stops the gateway: it closes the device, aborts every relayed
-// connection, closes every egress socket and waits for its goroutines.
+// Close stops the gateway: it closes the packet source, aborts every
+// relayed connection, closes every egress socket and waits for its
+// goroutines.
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		s.mu.Lock()
@@ -178,18 +237,26 @@ func (s *Server) Close() error {
 		}
 		s.mu.Unlock()
 		s.teardown()
-		s.wg.Wait()
+		s.workers.Wait()
 		s.log.Info("gateway stopped")
 	})
 	return nil
 }
 
 // teardown closes whatever New built, in the order that unblocks the
-// goroutines: the device and the stack first, so that the pumps return.
+// goroutines: the packet source and the stack first.
 func (s *Server) teardown() {
-	s.dev.Close()
+	if s.wg != nil {
+		s.wg.Close()
+	}
+	if s.dev != nil {
+		s.dev.Close()
+	}
 	if s.stack != nil {
 		s.stack.Close()
+	}
+	if s.dns != nil {
+		s.dns.close()
 	}
 	if s.udp != nil {
 		s.udp.Close()
@@ -205,12 +272,29 @@ func (s *Server) teardown() {
 // Table returns the connection table, for listing and watching flows.
 func (s *Server) Table() *nat.Table { return s.table }
 
+// PublicKey is the server's WireGuard public key; zero in TUN mode.
+func (s *Server) PublicKey() wireguard.Key {
+	if s.wg == nil {
+		return wireguard.Key{}
+	}
+	return s.wg.PublicKey()
+}
+
+// ListenPort is the UDP port WireGuard listens on; zero in TUN mode.
+func (s *Server) ListenPort() int {
+	if s.wg == nil {
+		return 0
+	}
+	return s.wg.ListenPort()
+}
+
 // Stats are the gateway's counters.
 type Stats struct {
 	Stack  netstack.Stats
 	Table  nat.TableStats
 	Egress nat.EgressStats
 	UDP    nat.UDPStats
+	DNS    DNSStats
 }
 
 // Stats returns a snapshot of the gateway's counters.
@@ -220,5 +304,6 @@ func (s *Server) Stats() Stats {
 		Table:  s.table.Stats(),
 		Egress: s.egress.Stats(),
 		UDP:    s.udp.Stats(),
+		DNS:    s.dns.stats(),
 	}
 }

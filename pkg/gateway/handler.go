@@ -34,16 +34,26 @@ func refusal(err error, limit netstack.Refusal) error {
 }
 
 func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error) {
-	if err := h.policy.Check(nat.TCP, dst); err != nil {
+	s := (*Server)(h)
+	// The gateway's own addresses serve DNS, relayed to an upstream
+	// resolver, and nothing else.
+	to := dst
+	if s.own[dst.Addr().Unmap()] {
+		up, ok := s.dns.tcpUpstream(dst)
+		if !ok {
+			return nil, netstack.Refuse(netstack.RefuseReset, errors.New("gateway: nothing listens there"))
+		}
+		to = up
+	} else if err := h.policy.Check(nat.TCP, dst); err != nil {
 		h.log.Debug("flow denied", zap.Stringer("src", src), zap.Error(err))
 		return nil, refusal(err, netstack.RefuseReset)
 	}
 	c := &tcpConn{}
-	flow, err := h.table.Insert(nat.Key{Proto: nat.TCP, Client: src, Dest: dst}, "", c.evict)
+	flow, err := h.table.Insert(nat.Key{Proto: nat.TCP, Client: src, Dest: dst}, s.peerOf(src.Addr()), c.evict)
 	if err != nil {
 		return nil, refusal(err, netstack.RefuseReset)
 	}
-	conn, err := h.egress.DialTCP(ctx, dst)
+	conn, err := h.egress.DialTCP(ctx, to)
 	if err != nil {
 		flow.End(nat.ReasonReset)
 		if errors.Is(err, nat.ErrPortsExhausted) {
@@ -67,20 +77,29 @@ func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Con
 }
 
 func (h *handler) HandleUDP(src, dst netip.AddrPort, payload []byte) error {
+	s := (*Server)(h)
+	if s.own[dst.Addr().Unmap()] {
+		return s.dns.query(src, dst, payload)
+	}
 	if err := h.policy.Check(nat.UDP, dst); err != nil {
 		return refusal(err, netstack.RefuseHostUnreachable)
 	}
-	if err := h.udp.Send("", src, dst, payload); err != nil {
+	if err := h.udp.Send(s.peerOf(src.Addr()), src, dst, payload); err != nil {
 		return refusal(err, netstack.RefuseHostUnreachable)
 	}
 	return nil
 }
 
 func (h *handler) HandleEcho(src, dst netip.Addr, id, seq uint16, payload []byte) error {
+	s := (*Server)(h)
+	if s.own[dst.Unmap()] {
+		// The gateway is the destination here: it answers for itself.
+		return s.stack.WriteEchoReply(dst, src, id, seq, payload)
+	}
 	if err := h.policy.Check(nat.ICMP, netip.AddrPortFrom(dst, 0)); err != nil {
 		return refusal(err, netstack.RefuseDrop)
 	}
-	if err := h.pinger.Echo("", src, dst, id, seq, payload); err != nil {
+	if err := h.pinger.Echo(s.peerOf(src), src, dst, id, seq, payload); err != nil {
 		return refusal(err, netstack.RefuseDrop)
 	}
 	return nil

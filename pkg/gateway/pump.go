@@ -15,7 +15,7 @@ const pumpOffset = 16
 
 // pump moves batches of packets from src to dst until either is closed.
 func (s *Server) pump(name string, dst, src tun.Device) {
-	defer s.wg.Done()
+	defer s.workers.Done()
 	batch := max(src.BatchSize(), 1)
 	bufs := make([][]byte, batch)
 	sizes := make([]int, batch)

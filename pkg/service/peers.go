@@ -1,0 +1,294 @@
+package service
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/sluice-vpn/sluice/pkg/admin"
+	"github.com/sluice-vpn/sluice/pkg/state"
+	"github.com/sluice-vpn/sluice/tunnel/wireguard"
+)
+
+// PeerRequest asks for a new peer.
+type PeerRequest struct {
+	Name string
+	// PublicKey is the key of a peer that keeps its own private key; zero
+	// means generate a key pair and put the private key in the config.
+	PublicKey wireguard.Key
+	// Endpoint is the gateway's public HOST:PORT for the configuration;
+	// empty means the one the gateway was given, else a guess.
+	Endpoint string
+}
+
+// NewPeer is a peer just added, with its client configuration.
+type NewPeer struct {
+	Peer   admin.PeerInfo
+	Config *wireguard.Config
+	// PrivateKeyKnown is false when the peer keeps its own private key:
+	// the configuration then lacks it.
+	PrivateKeyKnown bool
+	// EndpointGuessed says the Endpoint in the configuration is a guess.
+	EndpointGuessed bool
+}
+
+// addPeerToState adds a peer to st, generating its keys as asked, and
+// returns it with a client configuration for the gateway st describes.
+func addPeerToState(st *state.State, r PeerRequest) (NewPeer, error) {
+	req, priv, err := r.keys()
+	if err != nil {
+		return NewPeer{}, err
+	}
+	p, err := st.AddPeer(state.Peer{Name: req.Name, PublicKey: req.PublicKey, PresharedKey: req.PresharedKey})
+	if err != nil {
+		return NewPeer{}, fmt.Errorf("%w: %v", admin.ErrInvalid, err)
+	}
+	info, err := serverInfo(st, 0)
+	if err != nil {
+		return NewPeer{}, err
+	}
+	return newPeer(admin.AddPeerResponse{Peer: peerInfo(p), Server: info}, req.PresharedKey, priv, r.Endpoint)
+}
+
+// keys makes the request that goes to the gateway: the public key and a
+// fresh preshared key. The private key, if generated, stays here.
+func (r PeerRequest) keys() (admin.AddPeerRequest, wireguard.Key, error) {
+	var priv wireguard.Key
+	pub := r.PublicKey
+	if pub.IsZero() {
+		var err error
+		if priv, err = wireguard.GeneratePrivateKey(); err != nil {
+			return admin.AddPeerRequest{}, priv, err
+		}
+		pub = priv.PublicKey()
+	}
+	psk, err := wireguard.GeneratePresharedKey()
+	if err != nil {
+		return admin.AddPeerRequest{}, priv, err
+	}
+	return admin.AddPeerRequest{Name: r.Name, PublicKey: pub.String(), PresharedKey: psk.String()}, priv, nil
+}
+
+// newPeer builds the client configuration of a peer.
+func newPeer(resp admin.AddPeerResponse, psk string, priv wireguard.Key, endpoint string) (NewPeer, error) {
+	np := NewPeer{Peer: resp.Peer, PrivateKeyKnown: !priv.IsZero()}
+	if endpoint == "" {
+		endpoint = resp.Server.Endpoint
+	}
+	if endpoint == "" {
+		endpoint, np.EndpointGuessed = GuessEndpoint(resp.Server.ListenPort), true
+	}
+	serverKey, err := wireguard.ParseKey(resp.Server.PublicKey)
+	if err != nil {
+		return np, fmt.Errorf("gateway public key: %w", err)
+	}
+	pskKey, err := wireguard.ParseKey(psk)
+	if err != nil {
+		return np, err
+	}
+	var addrs []netip.Prefix
+	for _, a := range resp.Peer.Addrs {
+		addrs = append(addrs, netip.PrefixFrom(a, a.BitLen()))
+	}
+	np.Config = &wireguard.Config{
+		Interface: wireguard.Interface{PrivateKey: priv, Addresses: addrs, DNS: resp.Server.DNS, MTU: resp.Server.MTU},
+		Peers: []wireguard.ConfigPeer{{
+			PublicKey:           serverKey,
+			PresharedKey:        pskKey,
+			Endpoint:            endpoint,
+			AllowedIPs:          []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")},
+			PersistentKeepalive: 25,
+		}},
+	}
+	return np, nil
+}
+
+func peerInfo(p state.Peer) admin.PeerInfo {
+	return admin.PeerInfo{Name: p.Name, PublicKey: p.PublicKey, Addrs: p.Addrs}
+}
+
+// Server implements admin.Backend.
+func (s *Service) Server(context.Context) (admin.ServerInfo, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	info, err := serverInfo(s.st, s.opts.Gateway.MTU)
+	info.ListenPort = s.gw.ListenPort()
+	return info, err
+}
+
+// Peers implements admin.Backend.
+func (s *Service) Peers(context.Context) ([]admin.PeerInfo, error) {
+	peers, err := s.gw.Peers()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]admin.PeerInfo, len(peers))
+	for i, p := range peers {
+		out[i] = admin.PeerInfo{Name: p.Name, PublicKey: p.PublicKey.String(), Addrs: p.Addrs, RxBytes: p.RxBytes, TxBytes: p.TxBytes}
+		if p.Endpoint.IsValid() {
+			out[i].Endpoint = p.Endpoint.String()
+		}
+		if !p.LastHandshake.IsZero() {
+			t := p.LastHandshake
+			out[i].LastHandshake = &t
+		}
+	}
+	return out, nil
+}
+
+// AddPeer implements admin.Backend: the peer is stored, then let in.
+func (s *Service) AddPeer(_ context.Context, req admin.AddPeerRequest) (admin.AddPeerResponse, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	next := s.st.Clone()
+	p, err := next.AddPeer(state.Peer{Name: req.Name, PublicKey: req.PublicKey, PresharedKey: req.PresharedKey})
+	if err != nil {
+		return admin.AddPeerResponse{}, classify(err)
+	}
+	gp, err := gatewayPeer(p)
+	if err != nil {
+		return admin.AddPeerResponse{}, fmt.Errorf("%w: %v", admin.ErrInvalid, err)
+	}
+	if err := s.store.Save(next); err != nil {
+		return admin.AddPeerResponse{}, err
+	}
+	if err := s.gw.AddPeer(gp); err != nil {
+		// Keep the state true to what runs.
+		s.store.Save(s.st)
+		return admin.AddPeerResponse{}, err
+	}
+	s.st = next
+	info, err := serverInfo(s.st, s.opts.Gateway.MTU)
+	info.ListenPort = s.gw.ListenPort()
+	return admin.AddPeerResponse{Peer: peerInfo(p), Server: info}, err
+}
+
+// RemovePeer implements admin.Backend: the peer is shut out, then
+// forgotten.
+func (s *Service) RemovePeer(_ context.Context, name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	next := s.st.Clone()
+	if _, err := next.RemovePeer(name); err != nil {
+		return classify(err)
+	}
+	if err := s.store.Save(next); err != nil {
+		return err
+	}
+	if err := s.gw.RemovePeer(name); err != nil {
+		s.store.Save(s.st)
+		return err
+	}
+	s.st = next
+	return nil
+}
+
+// classify maps state errors onto the admin API's classes.
+func classify(err error) error {
+	switch {
+	case errors.Is(err, state.ErrNoPeer):
+		return fmt.Errorf("%w: %v", admin.ErrNotFound, err)
+	case errors.Is(err, state.ErrPeerExists):
+		return fmt.Errorf("%w: %v", admin.ErrConflict, err)
+	}
+	return fmt.Errorf("%w: %v", admin.ErrInvalid, err)
+}
+
+// AddPeer adds a peer to the gateway whose state is in dir: through its
+// control socket when it runs, so that it applies at once, else by
+// editing the state under its lock.
+func AddPeer(ctx context.Context, dir string, r PeerRequest) (NewPeer, error) {
+	store, err := state.Open(dir)
+	if err != nil {
+		return NewPeer{}, err
+	}
+	req, priv, err := r.keys()
+	if err != nil {
+		return NewPeer{}, err
+	}
+	resp, err := admin.NewUnixClient(filepath.Join(store.Dir(), SocketName)).AddPeer(ctx, req)
+	if err == nil {
+		return newPeer(resp, req.PresharedKey, priv, r.Endpoint)
+	}
+	if !errors.Is(err, admin.ErrNotRunning) {
+		return NewPeer{}, err
+	}
+	var np NewPeer
+	err = editState(ctx, store, func(st *state.State) error {
+		p, err := st.AddPeer(state.Peer{Name: req.Name, PublicKey: req.PublicKey, PresharedKey: req.PresharedKey})
+		if err != nil {
+			return err
+		}
+		info, err := serverInfo(st, 0)
+		if err != nil {
+			return err
+		}
+		np, err = newPeer(admin.AddPeerResponse{Peer: peerInfo(p), Server: info}, req.PresharedKey, priv, r.Endpoint)
+		return err
+	})
+	return np, err
+}
+
+// RemovePeer removes a peer from the gateway whose state is in dir, like
+// AddPeer adds one.
+func RemovePeer(ctx context.Context, dir, name string) error {
+	store, err := state.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = admin.NewUnixClient(filepath.Join(store.Dir(), SocketName)).RemovePeer(ctx, name)
+	if !errors.Is(err, admin.ErrNotRunning) {
+		return err
+	}
+	return editState(ctx, store, func(st *state.State) error {
+		_, err := st.RemovePeer(name)
+		return err
+	})
+}
+
+// ListPeers lists the peers of the gateway whose state is in dir, with
+// their WireGuard status when it runs (running reports which).
+func ListPeers(ctx context.Context, dir string) (peers []admin.PeerInfo, running bool, err error) {
+	store, err := state.Open(dir)
+	if err != nil {
+		return nil, false, err
+	}
+	peers, err = admin.NewUnixClient(filepath.Join(store.Dir(), SocketName)).Peers(ctx)
+	if !errors.Is(err, admin.ErrNotRunning) {
+		return peers, err == nil, err
+	}
+	st, err := store.Load()
+	if err != nil {
+		return nil, false, err
+	}
+	for _, p := range st.Peers {
+		peers = append(peers, peerInfo(p))
+	}
+	slices.SortFunc(peers, func(a, b admin.PeerInfo) int { return strings.Compare(a.Name, b.Name) })
+	return peers, false, nil
+}
+
+// editState changes a stopped gateway's state under its lock, so that a
+// gateway starting meanwhile waits and then sees the change.
+func editState(ctx context.Context, store *state.Store, edit func(*state.State) error) error {
+	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	unlock, err := store.Lock(lctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("state %s is locked, but no gateway answers on its control socket: %w", store.Dir(), err)
+	}
+	defer unlock()
+	st, err := store.Load()
+	if err != nil {
+		return err
+	}
+	if err := edit(st); err != nil {
+		return err
+	}
+	return store.Save(st)
+}

@@ -1,0 +1,249 @@
+// Package service is what `sluice serve` runs: a WireGuard gateway bound to
+// a state directory that holds its key and its peers, with a control
+// socket there through which peers are added and removed while it runs.
+// The functions in peers.go do the same to a gateway that is stopped, by
+// editing its state.
+package service
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sluice-vpn/sluice/pkg/admin"
+	"github.com/sluice-vpn/sluice/pkg/gateway"
+	"github.com/sluice-vpn/sluice/pkg/state"
+	"github.com/sluice-vpn/sluice/tunnel/wireguard"
+)
+
+// DefaultListenPort is WireGuard's usual port.
+const DefaultListenPort = 51820
+
+// SocketName is the control socket's name in the state directory.
+const SocketName = "sluice.sock"
+
+// Options configures a Service. The zero value runs a gateway on UDP
+// 51820 with its state in state.DefaultDir().
+type Options struct {
+	// StateDir holds the key, the peers and the control socket; "" means
+	// state.DefaultDir().
+	StateDir string
+	// ListenPort is WireGuard's UDP port [51820].
+	ListenPort int
+	// Endpoint is the public HOST:PORT written into client configurations;
+	// empty means a guess from the host's addresses, marked as such.
+	Endpoint string
+	// Pools are the tunnel address pools for a new state; an existing
+	// state keeps its own [state.DefaultPools].
+	Pools state.Pools
+	// DNSUpstreams answer the DNS queries clients send to the gateway; nil
+	// means the nameservers of /etc/resolv.conf.
+	DNSUpstreams []netip.AddrPort
+	// FirstPeer names the peer created when the state has none, so that a
+	// new user is connected in one step ["peer1"]. "-" creates none.
+	FirstPeer string
+	// Gateway carries the gateway's egress, policy, table and stack
+	// options; its Device, WireGuard, Addrs and DNSUpstreams are set by
+	// the service.
+	Gateway gateway.Options
+	// Logger receives the service's logs; nil means none.
+	Logger *zap.Logger
+}
+
+// Service is a gateway bound to a state directory.
+type Service struct {
+	opts   Options
+	log    *zap.Logger
+	store  *state.Store
+	unlock func()
+	gw     *gateway.Server
+
+	mu sync.Mutex // guards st
+	st *state.State
+
+	first *NewPeer
+}
+
+// New opens the state directory, takes its lock for the service's life,
+// loads the state (creating it, with a fresh key, on first start) and
+// builds the gateway with the stored peers.
+func New(ctx context.Context, opts Options) (svc *Service, err error) {
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	if opts.ListenPort == 0 {
+		opts.ListenPort = DefaultListenPort
+	}
+	if opts.ListenPort < 1 || opts.ListenPort > 65535 {
+		return nil, fmt.Errorf("service: Options.ListenPort: %d is outside 1-65535", opts.ListenPort)
+	}
+	if opts.FirstPeer == "" {
+		opts.FirstPeer = "peer1"
+	}
+	if opts.Pools == (state.Pools{}) {
+		opts.Pools = state.DefaultPools
+	}
+	s := &Service{opts: opts, log: opts.Logger.Named("service")}
+	if s.store, err = state.Open(opts.StateDir); err != nil {
+		return nil, err
+	}
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	s.unlock, err = s.store.Lock(lctx)
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("service: state directory %s is in use by another sluice: %w", s.store.Dir(), err)
+	}
+	defer func() {
+		if err != nil {
+			s.unlock()
+		}
+	}()
+
+	if err := s.loadOrCreate(); err != nil {
+		return nil, err
+	}
+	if opts.DNSUpstreams == nil {
+		opts.DNSUpstreams, err = ResolvConfUpstreams("/etc/resolv.conf")
+		if err != nil {
+			s.log.Warn("no DNS upstream: clients' DNS queries to the gateway will be refused", zap.Error(err))
+		}
+	}
+
+	priv, err := wireguard.ParseKey(s.st.PrivateKey)
+	if err != nil {
+		return nil, fmt.Errorf("service: %s: private_key: %w", s.store.Path(), err)
+	}
+	gopts := opts.Gateway
+	gopts.Device = nil
+	gopts.WireGuard = &gateway.WireGuardOptions{PrivateKey: priv, ListenPort: opts.ListenPort}
+	gopts.Addrs = s.st.GatewayAddrs()
+	gopts.DNSUpstreams = opts.DNSUpstreams
+	if gopts.Logger == nil {
+		gopts.Logger = opts.Logger
+	}
+	if s.gw, err = gateway.New(gopts); err != nil {
+		return nil, err
+	}
+	for _, p := range s.st.Peers {
+		gp, err := gatewayPeer(p)
+		if err == nil {
+			err = s.gw.AddPeer(gp)
+		}
+		if err != nil {
+			s.gw.Close()
+			return nil, fmt.Errorf("service: %s: peer %q: %w", s.store.Path(), p.Name, err)
+		}
+	}
+	return s, nil
+}
+
+// loadOrCreate loads the state, or makes a new one on first start. A
+// state that exists but does not load is an error: nothing is written
+// over it.
+func (s *Service) loadOrCreate() error {
+	st, err := s.store.Load()
+	switch {
+	case errors.Is(err, state.ErrNoState):
+		key, err := wireguard.GeneratePrivateKey()
+		if err != nil {
+			return fmt.Errorf("service: %w", err)
+		}
+		if st, err = state.New(key.String(), s.opts.Pools); err != nil {
+			return fmt.Errorf("service: %w", err)
+		}
+		s.log.Info("new state: generated the server key", zap.String("state", s.store.Path()))
+	case err != nil:
+		return err
+	}
+	st.ListenPort = s.opts.ListenPort
+	if s.opts.Endpoint != "" {
+		st.Endpoint = s.opts.Endpoint
+	}
+	if len(st.Peers) == 0 && s.opts.FirstPeer != "-" {
+		np, err := addPeerToState(st, PeerRequest{Name: s.opts.FirstPeer})
+		if err != nil {
+			return fmt.Errorf("service: first peer: %w", err)
+		}
+		s.first = &np
+	}
+	if err := s.store.Save(st); err != nil {
+		return err
+	}
+	s.st = st
+	return nil
+}
+
+// FirstPeer is the peer created on this start because the state had none,
+// with its client configuration; nil otherwise.
+func (s *Service) FirstPeer() *NewPeer { return s.first }
+
+// Gateway is the running gateway.
+func (s *Service) Gateway() *gateway.Server { return s.gw }
+
+// StateDir is the state directory.
+func (s *Service) StateDir() string { return s.store.Dir() }
+
+// Run starts the gateway and serves the control socket until ctx is done,
+// then stops both and releases the state directory.
+func (s *Service) Run(ctx context.Context) error {
+	defer s.unlock()
+	defer s.gw.Close()
+	if err := s.gw.Start(ctx); err != nil {
+		return err
+	}
+	sock := filepath.Join(s.store.Dir(), SocketName)
+	ln, err := admin.ListenUnix(sock)
+	if err != nil {
+		return err
+	}
+	s.log.Info("control socket", zap.String("path", sock))
+	return admin.Serve(ctx, ln, admin.NewHandler(s), s.log.Named("admin"))
+}
+
+// Close stops a service that was never run.
+func (s *Service) Close() {
+	s.gw.Close()
+	s.unlock()
+}
+
+func gatewayPeer(p state.Peer) (gateway.Peer, error) {
+	pub, err := wireguard.ParseKey(p.PublicKey)
+	if err != nil {
+		return gateway.Peer{}, fmt.Errorf("public_key: %w", err)
+	}
+	var psk wireguard.Key
+	if p.PresharedKey != "" {
+		if psk, err = wireguard.ParseKey(p.PresharedKey); err != nil {
+			return gateway.Peer{}, fmt.Errorf("preshared_key: %w", err)
+		}
+	}
+	return gateway.Peer{Name: p.Name, PublicKey: pub, PresharedKey: psk, Addrs: p.Addrs}, nil
+}
+
+// serverInfo describes the gateway of a state for client configurations.
+func serverInfo(st *state.State, mtu int) (admin.ServerInfo, error) {
+	priv, err := wireguard.ParseKey(st.PrivateKey)
+	if err != nil {
+		return admin.ServerInfo{}, err
+	}
+	port := st.ListenPort
+	if port == 0 {
+		port = DefaultListenPort
+	}
+	if mtu == 0 {
+		mtu = 1420
+	}
+	return admin.ServerInfo{
+		PublicKey:  priv.PublicKey().String(),
+		ListenPort: port,
+		DNS:        st.GatewayAddrs(),
+		MTU:        mtu,
+		Endpoint:   st.Endpoint,
+	}, nil
+}
