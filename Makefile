@@ -26,14 +26,16 @@ bench:
 run: build
 	$(BIN) serve $(RUN_FLAGS)
 
-# What the tests use beyond Go: iproute2 for the namespaces, curl and ping
-# as clients nobody here wrote. Installed only where missing and only as
-# root (CI); elsewhere the tests that need them skip.
+# What the tests use beyond Go: iproute2 for the namespaces; curl, ping and
+# wg (configuring wireguard-go) as clients nobody here wrote. Installed only
+# where missing and only as root (CI); elsewhere the tests that need them
+# skip.
 deps:
 	@missing=""; \
 	command -v ip   >/dev/null || missing="$$missing iproute2"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v ping >/dev/null || missing="$$missing iputils-ping"; \
+	command -v wg   >/dev/null || missing="$$missing wireguard-tools"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

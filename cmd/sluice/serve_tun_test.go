@@ -478,7 +478,8 @@ func e2eRemoveStaleNamespaces(t *testing.T, ctx context.Context) {
 	for _, line := range e2eNonEmptyLines(string(out)) {
 		name, _, _ := strings.Cut(line, " ")
 		var pidStr string
-		for _, p := range []string{"slc-", "slg-", "sls-"} {
+		// sl*: TestServeTUNEndToEnd; sw*: TestServeWireGuardEndToEnd.
+		for _, p := range []string{"slc-", "slg-", "sls-", "swc-", "swg-", "sws-"} {
 			if s, ok := strings.CutPrefix(name, p); ok {
 				pidStr = s
 			}
@@ -856,6 +857,10 @@ func TestServeTUNHelperProcess(t *testing.T) {
 		err = e2eHelperUDPRefused(args)
 	case "ping":
 		err = e2eHelperPing(args)
+	case "dns-server": // serve_wireguard_test.go
+		err = e2eHelperDNSServer(args)
+	case "dns-query":
+		err = e2eHelperDNSQuery(args)
 	default:
 		err = fmt.Errorf("unknown role %q", role)
 	}
