@@ -250,8 +250,11 @@ func (s *Stack) Close() error {
 	s.closeOnce.Do(func() {
 		s.cancel()
 		s.link.close()
-		s.tcp.close()
+		s.tcp.shutdown()
+		// Closing the stack ends the handshakes that wait for a client's
+		// ACK; only then can the forwarder's goroutines be waited for.
 		s.stack.Close()
+		s.tcp.wait()
 		s.stack.Wait()
 		close(s.events)
 	})

@@ -178,8 +178,9 @@ func (f *tcpForwarder) stats(st *Stats) {
 	st.InFlightDrops = f.inFlightDrops.Load()
 }
 
-// close aborts every relay and waits for the handshakes and relays to end.
-func (f *tcpForwarder) close() {
+// shutdown refuses new connections and aborts every relay. Handshakes
+// still in progress end when the stack closes; wait waits for them.
+func (f *tcpForwarder) shutdown() {
 	f.mu.Lock()
 	f.closing = true
 	relays := make([]*relay, 0, len(f.relays))
@@ -190,8 +191,9 @@ func (f *tcpForwarder) close() {
 	for _, rl := range relays {
 		rl.abort()
 	}
-	f.wg.Wait()
 }
+
+func (f *tcpForwarder) wait() { f.wg.Wait() }
 
 // relay copies bytes between a client connection in the stack and the
 // upstream connection the handler dialled.

@@ -198,6 +198,12 @@ func (c *Client) DialContext(ctx context.Context, network, address string) (net.
 	return nil, fmt.Errorf("netstacktest: dial: unknown network %q", network)
 }
 
+// ListenTCP listens on the client's address and port addr.
+func (c *Client) ListenTCP(addr netip.AddrPort) (net.Listener, error) {
+	fa, proto := fullAddr(addr)
+	return gonet.ListenTCP(c.stack, fa, proto)
+}
+
 // ListenUDP opens an unconnected UDP socket on the client's address of
 // addr's family and addr's port (0: any), for talking to several peers
 // from one port.
