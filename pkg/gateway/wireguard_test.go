@@ -391,4 +391,3 @@ func startDNSServer(t *testing.T) netip.AddrPort {
 	}()
 	return addr
 }
-
