@@ -391,3 +391,61 @@ func startDNSServer(t *testing.T) netip.AddrPort {
 	}()
 	return addr
 }
+
+// TestWireGuardRoaming moves a client to another UDP port in the middle of
+// a TCP connection: the gateway follows the new endpoint and the flow
+// carries on.
+func TestWireGuardRoaming(t *testing.T) {
+	srv := startWireGuard(t)
+	alice := newWGClient(t, srv, 2)
+	addPeer(t, srv, "alice", alice, 2)
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			io.Copy(c, c)
+			c.Close()
+		}
+	}()
+	c, err := alice.DialContext(context.Background(), "tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	echo := func(msg string) {
+		t.Helper()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+			t.Fatalf("echo %q: got %q, %v", msg, buf, err)
+		}
+	}
+	endpoint := func() netip.AddrPort {
+		peers, err := srv.Peers()
+		if err != nil || len(peers) != 1 {
+			t.Fatalf("peers: %+v %v", peers, err)
+		}
+		return peers[0].Endpoint
+	}
+
+	echo("before")
+	before := endpoint()
+	if err := alice.dev.SetListenPort(0); err != nil {
+		t.Fatal(err)
+	}
+	echo("after the move")
+	after := endpoint()
+	if after == before || after.Port() != uint16(alice.dev.ListenPort()) {
+		t.Fatalf("endpoint %v -> %v; the client now listens on %d", before, after, alice.dev.ListenPort())
+	}
+	if n := srv.Table().Len(); n != 1 {
+		t.Fatalf("%d flows; the roaming client's flow should be the only one", n)
+	}
+}

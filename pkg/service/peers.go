@@ -203,92 +203,101 @@ func classify(err error) error {
 // control socket when it runs, so that it applies at once, else by
 // editing the state under its lock.
 func AddPeer(ctx context.Context, dir string, r PeerRequest) (NewPeer, error) {
-	store, err := state.Open(dir)
-	if err != nil {
-		return NewPeer{}, err
-	}
 	req, priv, err := r.keys()
 	if err != nil {
 		return NewPeer{}, err
 	}
-	resp, err := admin.NewUnixClient(filepath.Join(store.Dir(), SocketName)).AddPeer(ctx, req)
-	if err == nil {
-		return newPeer(resp, req.PresharedKey, priv, r.Endpoint)
-	}
-	if !errors.Is(err, admin.ErrNotRunning) {
-		return NewPeer{}, err
-	}
 	var np NewPeer
-	err = editState(ctx, store, func(st *state.State) error {
-		p, err := st.AddPeer(state.Peer{Name: req.Name, PublicKey: req.PublicKey, PresharedKey: req.PresharedKey})
-		if err != nil {
+	err = withGateway(ctx, dir,
+		func(c *admin.Client) error {
+			resp, err := c.AddPeer(ctx, req)
+			if err == nil {
+				np, err = newPeer(resp, req.PresharedKey, priv, r.Endpoint)
+			}
 			return err
-		}
-		info, err := serverInfo(st, 0)
-		if err != nil {
-			return err
-		}
-		np, err = newPeer(admin.AddPeerResponse{Peer: peerInfo(p), Server: info}, req.PresharedKey, priv, r.Endpoint)
-		return err
-	})
+		},
+		func(st *state.State) (bool, error) {
+			p, err := st.AddPeer(state.Peer{Name: req.Name, PublicKey: req.PublicKey, PresharedKey: req.PresharedKey})
+			if err != nil {
+				return false, err
+			}
+			info, err := serverInfo(st, 0)
+			if err != nil {
+				return false, err
+			}
+			np, err = newPeer(admin.AddPeerResponse{Peer: peerInfo(p), Server: info}, req.PresharedKey, priv, r.Endpoint)
+			return true, err
+		})
 	return np, err
 }
 
 // RemovePeer removes a peer from the gateway whose state is in dir, like
 // AddPeer adds one.
 func RemovePeer(ctx context.Context, dir, name string) error {
-	store, err := state.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = admin.NewUnixClient(filepath.Join(store.Dir(), SocketName)).RemovePeer(ctx, name)
-	if !errors.Is(err, admin.ErrNotRunning) {
-		return err
-	}
-	return editState(ctx, store, func(st *state.State) error {
-		_, err := st.RemovePeer(name)
-		return err
-	})
+	return withGateway(ctx, dir,
+		func(c *admin.Client) error { return c.RemovePeer(ctx, name) },
+		func(st *state.State) (bool, error) {
+			_, err := st.RemovePeer(name)
+			return true, err
+		})
 }
 
 // ListPeers lists the peers of the gateway whose state is in dir, with
 // their WireGuard status when it runs (running reports which).
 func ListPeers(ctx context.Context, dir string) (peers []admin.PeerInfo, running bool, err error) {
-	store, err := state.Open(dir)
-	if err != nil {
-		return nil, false, err
-	}
-	peers, err = admin.NewUnixClient(filepath.Join(store.Dir(), SocketName)).Peers(ctx)
-	if !errors.Is(err, admin.ErrNotRunning) {
-		return peers, err == nil, err
-	}
-	st, err := store.Load()
-	if err != nil {
-		return nil, false, err
-	}
-	for _, p := range st.Peers {
-		peers = append(peers, peerInfo(p))
-	}
-	slices.SortFunc(peers, func(a, b admin.PeerInfo) int { return strings.Compare(a.Name, b.Name) })
-	return peers, false, nil
+	err = withGateway(ctx, dir,
+		func(c *admin.Client) error {
+			running = true
+			peers, err = c.Peers(ctx)
+			return err
+		},
+		func(st *state.State) (bool, error) {
+			for _, p := range st.Peers {
+				peers = append(peers, peerInfo(p))
+			}
+			slices.SortFunc(peers, func(a, b admin.PeerInfo) int { return strings.Compare(a.Name, b.Name) })
+			return false, nil
+		})
+	return peers, running, err
 }
 
-// editState changes a stopped gateway's state under its lock, so that a
-// gateway starting meanwhile waits and then sees the change.
-func editState(ctx context.Context, store *state.Store, edit func(*state.State) error) error {
-	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	unlock, err := store.Lock(lctx)
-	cancel()
-	if err != nil {
-		return fmt.Errorf("state %s is locked, but no gateway answers on its control socket: %w", store.Dir(), err)
-	}
-	defer unlock()
-	st, err := store.Load()
+// withGateway runs online against the gateway of dir when one answers on
+// its control socket, else offline on its state, under the state's lock,
+// saving the state if offline says so. A gateway that is starting holds
+// the lock before it answers: then both are tried again until one works
+// or a few seconds have passed.
+func withGateway(ctx context.Context, dir string, online func(*admin.Client) error, offline func(*state.State) (save bool, err error)) error {
+	store, err := state.Open(dir)
 	if err != nil {
 		return err
 	}
-	if err := edit(st); err != nil {
-		return err
+	client := admin.NewUnixClient(filepath.Join(store.Dir(), SocketName))
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := online(client)
+		if !errors.Is(err, admin.ErrNotRunning) {
+			return err
+		}
+		unlock, err := store.TryLock()
+		if err == nil {
+			defer unlock()
+			st, err := store.Load()
+			if err != nil {
+				return err
+			}
+			save, err := offline(st)
+			if err != nil || !save {
+				return err
+			}
+			return store.Save(st)
+		}
+		if !errors.Is(err, state.ErrLocked) || time.Now().After(deadline) {
+			return fmt.Errorf("state %s is locked, but no gateway answers on its control socket: %w", store.Dir(), err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
-	return store.Save(st)
 }

@@ -93,11 +93,18 @@ func New(ctx context.Context, opts Options) (svc *Service, err error) {
 	if s.store, err = state.Open(opts.StateDir); err != nil {
 		return nil, err
 	}
-	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	s.unlock, err = s.store.Lock(lctx)
-	cancel()
+	s.unlock, err = s.store.TryLock()
+	if errors.Is(err, state.ErrLocked) {
+		if _, perr := admin.NewUnixClient(filepath.Join(s.store.Dir(), SocketName)).Server(ctx); perr == nil {
+			return nil, fmt.Errorf("service: state directory %s is in use by a running gateway", s.store.Dir())
+		}
+		// A peer command is editing the state; it is quick.
+		lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		s.unlock, err = s.store.Lock(lctx)
+		cancel()
+	}
 	if err != nil {
-		return nil, fmt.Errorf("service: state directory %s is in use by another sluice: %w", s.store.Dir(), err)
+		return nil, fmt.Errorf("service: state directory %s is in use: %w", s.store.Dir(), err)
 	}
 	defer func() {
 		if err != nil {

@@ -246,7 +246,31 @@ func (d *Device) Peers() ([]PeerStats, error) {
 }
 
 // ListenPort returns the UDP port the device listens on.
-func (d *Device) ListenPort() int { return d.port }
+func (d *Device) ListenPort() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.port
+}
+
+// SetListenPort moves the device to another UDP port (0: any free one).
+// Its peers see its packets come from a new endpoint and follow it: this
+// is how a client roams.
+func (d *Device) SetListenPort(port int) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	if err := d.wg.IpcSet(fmt.Sprintf("listen_port=%d\n", port)); err != nil {
+		return fmt.Errorf("wireguard: listen on UDP port %d: %w", port, err)
+	}
+	p, err := d.readListenPort()
+	if err != nil {
+		return err
+	}
+	d.port = p
+	return nil
+}
 
 // PublicKey returns the device's public key, the one its peers configure.
 func (d *Device) PublicKey() Key { return d.pub }
