@@ -254,4 +254,3 @@ func get(c *netstacktest.Client, url string, timeout time.Duration) (string, err
 	b, err := io.ReadAll(resp.Body)
 	return string(b), err
 }
-
