@@ -130,8 +130,8 @@ func (f serveFlags) serviceOptions(gw gateway.Options) (service.Options, error) 
 		return o, fmt.Errorf("--listen %q: %v", f.listen, err)
 	}
 	if host != "" {
-		if a, err := netip.ParseAddr(host); err != nil || !a.IsUnspecified() {
-			return o, fmt.Errorf("--listen %q: WireGuard listens on every address; give :PORT", f.listen)
+		if o.ListenAddr, err = netip.ParseAddr(host); err != nil {
+			return o, fmt.Errorf("--listen %q: %q is not an IP address", f.listen, host)
 		}
 	}
 	port, err := strconv.Atoi(portStr)

@@ -36,6 +36,9 @@ type Options struct {
 	StateDir string
 	// ListenPort is WireGuard's UDP port [51820].
 	ListenPort int
+	// ListenAddr limits WireGuard to one local address; the zero value
+	// listens on every address.
+	ListenAddr netip.Addr
 	// Endpoint is the public HOST:PORT written into client configurations;
 	// empty means a guess from the host's addresses, marked as such.
 	Endpoint string
@@ -129,6 +132,9 @@ func New(ctx context.Context, opts Options) (svc *Service, err error) {
 	gopts := opts.Gateway
 	gopts.Device = nil
 	gopts.WireGuard = &gateway.WireGuardOptions{PrivateKey: priv, ListenPort: opts.ListenPort}
+	if opts.ListenAddr.IsValid() && !opts.ListenAddr.IsUnspecified() {
+		gopts.WireGuard.Bind = wireguard.NewAddrBind(opts.ListenAddr)
+	}
 	gopts.Addrs = s.st.GatewayAddrs()
 	gopts.DNSUpstreams = opts.DNSUpstreams
 	if gopts.Logger == nil {
