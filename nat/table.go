@@ -130,6 +130,7 @@ type Table struct {
 	full   atomic.Bool // whether the last insert was refused, to log transitions only
 
 	inserted, refused, ended, expired, evicted, eventsDropped atomic.Uint64
+	totals                                                    peerTotals // of ended flows
 
 	subMu   sync.RWMutex
 	subs    map[*subscriber]struct{}
@@ -670,6 +671,7 @@ func (f *Flow) finish(reason Reason, callCloser bool) bool {
 	if callCloser && f.closer != nil {
 		f.closer(reason)
 	}
+	t.totals.add(f)
 	t.emit(EventEnded, f, reason)
 	return true
 }
