@@ -180,14 +180,18 @@ func (r Rule) match(proto Proto, addr netip.Addr, port uint16) bool {
 	return r.Prefix.Contains(addr)
 }
 
-// ErrDenied is what every error from Policy.Check matches with errors.Is.
+// ErrDenied is what every error from Policy.Check and Policy.CheckPeer
+// matches with errors.Is.
 var ErrDenied = errors.New("nat: destination denied by policy")
 
 // DeniedError reports a destination that the policy does not let a client
 // reach, and why.
 type DeniedError struct {
-	Dest   netip.AddrPort
-	Proto  Proto
+	Dest  netip.AddrPort
+	Proto Proto
+	// Peer is the peer whose flow was denied; empty for Check, which does
+	// not know it.
+	Peer   string
 	Reason string
 }
 
@@ -202,13 +206,26 @@ func (e *DeniedError) Error() string {
 // Is makes errors.Is(err, ErrDenied) true.
 func (e *DeniedError) Is(target error) bool { return target == ErrDenied }
 
+// PeerRules are one peer's own rules, consulted before the global ones.
+type PeerRules struct {
+	// Allow opens destinations for this peer only, including ones that the
+	// global Deny rules or the defaults close.
+	Allow []Rule
+	// Deny closes destinations for this peer; it wins over everything else.
+	Deny []Rule
+}
+
 // PolicyOptions configure a Policy. The zero value denies the built-in
 // default ranges and allows everything else.
 type PolicyOptions struct {
 	// Allow opens destinations, including ones the defaults deny.
 	Allow []Rule
-	// Deny closes destinations; it wins over Allow.
+	// Deny closes destinations; it wins over Allow, though not over a
+	// peer's own Allow rules.
 	Deny []Rule
+	// Peers holds per-peer rules by peer name, as CheckPeer is given it.
+	// A peer without an entry has only the global rules.
+	Peers map[string]PeerRules
 	// LocalAddrs are the gateway host's own addresses, unreachable unless
 	// allowed. Nil means discover them from the host's interfaces when the
 	// policy is made; an empty, non-nil slice means none.
@@ -216,10 +233,15 @@ type PolicyOptions struct {
 }
 
 // Policy decides which destinations clients may reach. It is immutable and
-// safe for concurrent use.
+// safe for concurrent use; to change it, make a new one and swap it in.
 type Policy struct {
 	allow, deny []Rule
+	peers       map[string]peerRules
 	local       map[netip.Addr]struct{}
+}
+
+type peerRules struct {
+	allow, deny []Rule
 }
 
 // defaultDeny lists what no client reaches unless a rule allows it: the
@@ -256,6 +278,22 @@ func NewPolicy(opts PolicyOptions) (*Policy, error) {
 	}
 	if p.deny, err = normalizeRules("Deny", opts.Deny); err != nil {
 		return nil, err
+	}
+	if len(opts.Peers) > 0 {
+		p.peers = make(map[string]peerRules, len(opts.Peers))
+		for name, pr := range opts.Peers {
+			var r peerRules
+			field := fmt.Sprintf("Peers[%s].", name)
+			if r.allow, err = normalizeRules(field+"Allow", pr.Allow); err != nil {
+				return nil, err
+			}
+			if r.deny, err = normalizeRules(field+"Deny", pr.Deny); err != nil {
+				return nil, err
+			}
+			if len(r.allow) > 0 || len(r.deny) > 0 {
+				p.peers[name] = r
+			}
+		}
 	}
 	local := opts.LocalAddrs
 	if local == nil {
@@ -313,11 +351,55 @@ func interfaceAddrs() ([]netip.Addr, error) {
 // the default ranges (unspecified, this-network, loopback, link-local,
 // private, unique local, CGNAT, multicast, broadcast) are denied, in their
 // IPv4-mapped IPv6 forms too; everything else is allowed.
+//
+// Check knows nothing of peers; CheckPeer applies a peer's own rules first.
 func (p *Policy) Check(proto Proto, dst netip.AddrPort) error {
 	addr := dst.Addr().Unmap().WithZone("")
 	if !addr.IsValid() {
 		return &DeniedError{Dest: dst, Proto: proto, Reason: "invalid address"}
 	}
+	if d := p.check(proto, dst, addr); d != nil {
+		return d
+	}
+	return nil
+}
+
+// CheckPeer is Check for a flow of the named peer. The peer's own Deny
+// rules come first, then its own Allow rules, then the global Deny and
+// Allow rules and the defaults, as in Check. A peer without rules of its
+// own is checked as Check would; so is the empty name, the only peer of a
+// gateway that has no tunnel peers.
+func (p *Policy) CheckPeer(peer string, proto Proto, dst netip.AddrPort) error {
+	addr := dst.Addr().Unmap().WithZone("")
+	if !addr.IsValid() {
+		return &DeniedError{Dest: dst, Proto: proto, Peer: peer, Reason: "invalid address"}
+	}
+	if r, ok := p.peers[peer]; ok {
+		port := dst.Port()
+		for i := range r.deny {
+			if r.deny[i].match(proto, addr, port) {
+				return &DeniedError{Dest: dst, Proto: proto, Peer: peer,
+					Reason: "deny rule " + r.deny[i].String() + " of peer " + peer}
+			}
+		}
+		for i := range r.allow {
+			if r.allow[i].match(proto, addr, port) {
+				return nil
+			}
+		}
+	}
+	if d := p.check(proto, dst, addr); d != nil {
+		d.Peer = peer
+		return d
+	}
+	return nil
+}
+
+// check applies the global rules and the defaults to dst, whose address
+// has been unmapped and stripped of its zone as addr. It returns a concrete
+// type so that callers can fill in the peer; they must not return a nil one
+// as an error.
+func (p *Policy) check(proto Proto, dst netip.AddrPort, addr netip.Addr) *DeniedError {
 	port := dst.Port()
 	for i := range p.deny {
 		if p.deny[i].match(proto, addr, port) {
