@@ -125,7 +125,8 @@ type Egress struct {
 	UDPFiltering nat.Filtering
 }
 
-// Options returns the nat options for e.
+// Options returns the nat options for e. UDPFiltering is not among them:
+// it goes to gateway.Options.UDPFiltering.
 func (e Egress) Options() nat.EgressOptions {
 	return nat.EgressOptions{
 		Addrs:       slices.Clone(e.Addrs),
