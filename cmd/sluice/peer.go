@@ -12,24 +12,26 @@ import (
 	"github.com/mdp/qrterminal/v3"
 	"github.com/spf13/cobra"
 
+	"github.com/sluice-vpn/sluice/pkg/admin"
 	"github.com/sluice-vpn/sluice/pkg/service"
 	"github.com/sluice-vpn/sluice/tunnel/wireguard"
 )
 
 func newPeerCmd() *cobra.Command {
-	var stateDir string
+	var t target
 	cmd := &cobra.Command{
 		Use:   "peer",
 		Short: "Add, list and remove the gateway's WireGuard peers",
 		Long: `Add, list and remove peers. With the gateway running the change applies at
-once, through its control socket; with it stopped, the state is edited.`,
+once, through its control socket; with it stopped, the state is edited.
+With --admin, only a running gateway is asked.`,
 	}
-	cmd.PersistentFlags().StringVar(&stateDir, "state", "", "the gateway's state `DIR` (default as for serve)")
-	cmd.AddCommand(newPeerAddCmd(&stateDir), newPeerListCmd(&stateDir), newPeerRemoveCmd(&stateDir))
+	t.flags(cmd)
+	cmd.AddCommand(newPeerAddCmd(&t), newPeerListCmd(&t), newPeerRemoveCmd(&t))
 	return cmd
 }
 
-func newPeerAddCmd(stateDir *string) *cobra.Command {
+func newPeerAddCmd(t *target) *cobra.Command {
 	var pubKey, endpoint string
 	var qr bool
 	cmd := &cobra.Command{
@@ -53,7 +55,16 @@ func newPeerAddCmd(stateDir *string) *cobra.Command {
 					return fmt.Errorf("--endpoint %q: %v", endpoint, err)
 				}
 			}
-			np, err := service.AddPeer(cmd.Context(), *stateDir, req)
+			var np service.NewPeer
+			var err error
+			if t.admin != "" {
+				var c *admin.Client
+				if c, err = t.client(); err == nil {
+					np, err = service.AddPeerVia(cmd.Context(), c, req)
+				}
+			} else {
+				np, err = service.AddPeer(cmd.Context(), t.stateDir, req)
+			}
 			if err != nil {
 				return err
 			}
@@ -90,7 +101,7 @@ func printPeerConfig(w io.Writer, np *service.NewPeer, qr bool) {
 	}
 }
 
-func newPeerListCmd(stateDir *string) *cobra.Command {
+func newPeerListCmd(t *target) *cobra.Command {
 	var output string
 	cmd := &cobra.Command{
 		Use:   "list",
@@ -100,7 +111,17 @@ func newPeerListCmd(stateDir *string) *cobra.Command {
 			if output != "table" && output != "json" {
 				return fmt.Errorf("-o %q: want table or json", output)
 			}
-			peers, running, err := service.ListPeers(cmd.Context(), *stateDir)
+			var peers []admin.PeerInfo
+			running := true
+			var err error
+			if t.admin != "" {
+				var c *admin.Client
+				if c, err = t.client(); err == nil {
+					peers, err = c.Peers(cmd.Context())
+				}
+			} else {
+				peers, running, err = service.ListPeers(cmd.Context(), t.stateDir)
+			}
 			if err != nil {
 				return err
 			}
@@ -129,13 +150,22 @@ func newPeerListCmd(stateDir *string) *cobra.Command {
 	return cmd
 }
 
-func newPeerRemoveCmd(stateDir *string) *cobra.Command {
+func newPeerRemoveCmd(t *target) *cobra.Command {
 	return &cobra.Command{
 		Use:   "remove NAME",
 		Short: "Remove a peer; a running gateway closes its flows at once",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := service.RemovePeer(cmd.Context(), *stateDir, args[0]); err != nil {
+			var err error
+			if t.admin != "" {
+				var c *admin.Client
+				if c, err = t.client(); err == nil {
+					err = c.RemovePeer(cmd.Context(), args[0])
+				}
+			} else {
+				err = service.RemovePeer(cmd.Context(), t.stateDir, args[0])
+			}
+			if err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "removed peer %q\n", args[0])

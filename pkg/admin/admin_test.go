@@ -74,7 +74,9 @@ func TestControlSocket(t *testing.T) {
 	}
 	sctx, cancel := context.WithCancel(ctx)
 	done := make(chan error)
-	go func() { done <- Serve(sctx, ln, NewHandler(&fakeBackend{peers: map[string]PeerInfo{}}), nil) }()
+	go func() {
+		done <- Serve(sctx, ln, NewHandler(Options{Peers: &fakeBackend{peers: map[string]PeerInfo{}}}), nil)
+	}()
 	defer func() {
 		cancel()
 		if err := <-done; err != nil {

@@ -48,16 +48,41 @@ type AddPeerResponse struct {
 	Server ServerInfo `json:"server"`
 }
 
-// Backend is what the API serves. Its errors wrap ErrNotFound, ErrConflict
-// or ErrInvalid where those apply, which become 404, 409 and 400.
-type Backend interface {
+// PeerBackend manages peers. Errors of every backend wrap ErrNotFound,
+// ErrConflict or ErrInvalid where those apply, which become 404, 409 and
+// 400.
+type PeerBackend interface {
 	Peers(ctx context.Context) ([]PeerInfo, error)
 	AddPeer(ctx context.Context, req AddPeerRequest) (AddPeerResponse, error)
 	RemovePeer(ctx context.Context, name string) error
 	Server(ctx context.Context) (ServerInfo, error)
 }
 
-// Error classes a Backend reports.
+// FlowBackend lists, deletes and watches flows.
+type FlowBackend interface {
+	Flows(ctx context.Context, f FlowFilter) ([]FlowInfo, error)
+	// DeleteFlow ends a flow, closing both of its sides.
+	DeleteFlow(ctx context.Context, id uint64) error
+	// Events streams flow events until ctx is done, then closes the
+	// channel.
+	Events(ctx context.Context) (<-chan FlowEvent, error)
+}
+
+// StatusBackend reports the gateway at a glance.
+type StatusBackend interface {
+	Status(ctx context.Context) (Status, error)
+}
+
+// ConfigBackend shows and reloads the running configuration.
+type ConfigBackend interface {
+	// Config is the running configuration as YAML.
+	Config(ctx context.Context) ([]byte, error)
+	// Reload re-reads the configuration and applies it; an invalid one is
+	// rejected (ErrInvalid) and the running one stays.
+	Reload(ctx context.Context) error
+}
+
+// Error classes the backends report.
 var (
 	ErrNotFound = errors.New("not found")
 	ErrConflict = errors.New("conflict")

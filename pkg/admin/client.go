@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
-	"time"
 )
 
 // Client talks to a running gateway's control API.
@@ -22,13 +21,24 @@ type Client struct {
 
 // NewUnixClient returns a client for the control socket at path.
 func NewUnixClient(path string) *Client {
+	return newClient("unix", path)
+}
+
+// NewTCPClient returns a client for the API at a TCP address (HOST:PORT).
+func NewTCPClient(addr string) *Client {
+	return newClient("tcp", addr)
+}
+
+func newClient(network, addr string) *Client {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", path)
+			return d.DialContext(ctx, network, addr)
 		},
 	}
-	return &Client{http: &http.Client{Transport: tr, Timeout: 30 * time.Second}, base: "http://sluice"}
+	// No overall timeout: the event stream lasts as long as the caller
+	// wants; every call has its context.
+	return &Client{http: &http.Client{Transport: tr}, base: "http://sluice"}
 }
 
 // ErrNotRunning means nothing answers on the control socket.
@@ -101,4 +111,110 @@ func (c *Client) AddPeer(ctx context.Context, req AddPeerRequest) (AddPeerRespon
 // RemovePeer removes a peer.
 func (c *Client) RemovePeer(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/peers/"+url.PathEscape(name), nil, nil)
+}
+
+// Status returns the gateway at a glance.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var st Status
+	err := c.do(ctx, http.MethodGet, "/v1/status", nil, &st)
+	return st, err
+}
+
+// Flows lists the flows that pass f.
+func (c *Client) Flows(ctx context.Context, f FlowFilter) ([]FlowInfo, error) {
+	var flows []FlowInfo
+	err := c.do(ctx, http.MethodGet, "/v1/flows?"+f.Values().Encode(), nil, &flows)
+	return flows, err
+}
+
+// CountFlows counts the flows that pass f.
+func (c *Client) CountFlows(ctx context.Context, f FlowFilter) (int, error) {
+	v := f.Values()
+	v.Set("count", "true")
+	var n struct{ Count int }
+	err := c.do(ctx, http.MethodGet, "/v1/flows?"+v.Encode(), nil, &n)
+	return n.Count, err
+}
+
+// Flow returns one flow.
+func (c *Client) Flow(ctx context.Context, id uint64) (FlowInfo, error) {
+	var f FlowInfo
+	err := c.do(ctx, http.MethodGet, fmt.Sprintf("/v1/flows/%d", id), nil, &f)
+	return f, err
+}
+
+// DeleteFlow ends one flow, closing both sides.
+func (c *Client) DeleteFlow(ctx context.Context, id uint64) error {
+	return c.do(ctx, http.MethodDelete, fmt.Sprintf("/v1/flows/%d", id), nil, nil)
+}
+
+// DeleteFlows ends every flow that passes f; a zero filter needs all.
+func (c *Client) DeleteFlows(ctx context.Context, f FlowFilter, all bool) (int, error) {
+	v := f.Values()
+	if all {
+		v.Set("all", "true")
+	}
+	var n struct{ Deleted int }
+	err := c.do(ctx, http.MethodDelete, "/v1/flows?"+v.Encode(), nil, &n)
+	return n.Deleted, err
+}
+
+// Events streams the flow events that pass f until ctx is done or the
+// gateway goes away; the channel is closed then.
+func (c *Client) Events(ctx context.Context, f FlowFilter) (<-chan FlowEvent, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/v1/events?"+f.Values().Encode(), nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "dial" {
+			return nil, fmt.Errorf("%w (%v)", ErrNotRunning, op.Err)
+		}
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		var e errorBody
+		json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&e)
+		return nil, fmt.Errorf("admin: events: %s: %s", resp.Status, e.Error)
+	}
+	ch := make(chan FlowEvent)
+	go func() {
+		defer close(ch)
+		defer resp.Body.Close()
+		dec := json.NewDecoder(resp.Body)
+		for {
+			var ev FlowEvent
+			if dec.Decode(&ev) != nil {
+				return
+			}
+			select {
+			case ch <- ev:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return ch, nil
+}
+
+// Config returns the running configuration, as YAML.
+func (c *Client) Config(ctx context.Context) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/v1/config", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	return io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+}
+
+// Reload makes the gateway re-read its configuration.
+func (c *Client) Reload(ctx context.Context) error {
+	return c.do(ctx, http.MethodPost, "/v1/reload", nil, nil)
 }

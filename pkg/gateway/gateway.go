@@ -23,6 +23,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 	"golang.zx2c4.com/wireguard/conn"
@@ -60,6 +61,8 @@ type Options struct {
 	// UDPFiltering decides which remotes may answer a client's UDP socket
 	// [address and port dependent].
 	UDPFiltering nat.Filtering
+	// Limits bound each peer's new flows per second and concurrent flows.
+	Limits nat.LimiterOptions
 	// MaxInFlight bounds the TCP handshakes waiting on their egress dial
 	// [1024].
 	MaxInFlight int
@@ -89,18 +92,24 @@ type Server struct {
 	dev  tun.Device        // the packet source in TUN mode
 	wg   *wireguard.Device // the packet source in WireGuard mode
 
-	stack  *netstack.Stack
-	table  *nat.Table
-	egress *nat.Egress
-	policy *nat.Policy
-	udp    *nat.UDPMapper
-	pinger *nat.Pinger
-	dns    *dnsForwarder
+	stack   *netstack.Stack
+	table   *nat.Table
+	egress  *nat.Egress
+	policy  atomic.Pointer[nat.Policy] // swapped whole on reload
+	limiter *nat.Limiter
+	udp     *nat.UDPMapper
+	pinger  *nat.Pinger
+	dns     *dnsForwarder
 
 	own    map[netip.Addr]bool                   // Addrs, read-only after New
 	owners atomic.Pointer[map[netip.Addr]string] // tunnel address -> peer name
 	peerMu sync.Mutex                            // serialises AddPeer and RemovePeer
 	peers  map[string]Peer                       // guarded by peerMu
+
+	refusals  [numRefusals]atomic.Uint64
+	draining  atomic.Bool
+	lastLimit atomic.Int64 // unix nanoseconds of the last limit log line
+	limitLogs atomic.Uint64
 
 	mu      sync.Mutex
 	started bool
@@ -150,7 +159,15 @@ func New(opts Options) (srv *Server, err error) {
 	if s.egress, err = nat.NewEgress(opts.Egress); err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
-	if s.policy, err = nat.NewPolicy(opts.Policy); err != nil {
+	policy, err := nat.NewPolicy(opts.Policy)
+	if err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
+	s.policy.Store(policy)
+	if opts.Limits.Logger == nil {
+		opts.Limits.Logger = log.Named("limits")
+	}
+	if s.limiter, err = nat.NewLimiter(opts.Limits); err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	s.stack, err = netstack.New(netstack.Options{
@@ -295,15 +312,102 @@ type Stats struct {
 	Egress nat.EgressStats
 	UDP    nat.UDPStats
 	DNS    DNSStats
+	Limits []nat.PeerLimitStats
+	// Refused counts refused flows by reason, indexed like RefusalNames.
+	Refused [numRefusals]uint64
 }
 
 // Stats returns a snapshot of the gateway's counters.
 func (s *Server) Stats() Stats {
-	return Stats{
+	st := Stats{
 		Stack:  s.stack.Stats(),
 		Table:  s.table.Stats(),
 		Egress: s.egress.Stats(),
 		UDP:    s.udp.Stats(),
 		DNS:    s.dns.stats(),
+		Limits: s.limiter.Stats(),
 	}
+	for i := range st.Refused {
+		st.Refused[i] = s.refusals[i].Load()
+	}
+	return st
+}
+
+// SetPolicy replaces the policy at once. Flows that the new policy denies
+// are closed, both sides; the others carry on.
+func (s *Server) SetPolicy(opts nat.PolicyOptions) error {
+	p, err := nat.NewPolicy(opts)
+	if err != nil {
+		return fmt.Errorf("gateway: %w", err)
+	}
+	s.policy.Store(p)
+	closed := 0
+	for _, e := range s.table.Snapshot() {
+		if s.own[e.Key.Dest.Addr().Unmap()] {
+			continue
+		}
+		dst := e.Key.Dest
+		if e.Key.Proto == nat.ICMP {
+			dst = netip.AddrPortFrom(dst.Addr(), 0)
+		}
+		if p.CheckPeer(e.Peer, e.Key.Proto, dst) != nil && s.table.Evict(e.ID) {
+			closed++
+		}
+	}
+	if closed > 0 {
+		s.log.Info("policy changed: closed flows it now denies", zap.Int("flows", closed))
+	}
+	return nil
+}
+
+// SetLimits replaces the per-peer limits at once; live flows are kept.
+func (s *Server) SetLimits(opts nat.LimiterOptions) error {
+	if opts.Logger == nil {
+		opts.Logger = s.log.Named("limits")
+	}
+	if err := s.limiter.Update(opts); err != nil {
+		return fmt.Errorf("gateway: %w", err)
+	}
+	return nil
+}
+
+// Shutdown stops taking new flows, waits for the open ones to end until
+// ctx is done, then closes the gateway.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.draining.Store(true)
+	n := s.table.Len()
+	if n > 0 {
+		s.log.Info("draining flows", zap.Int("flows", n))
+	}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for s.table.Len() > 0 {
+		select {
+		case <-ctx.Done():
+			s.log.Info("grace period over, closing flows", zap.Int("flows", s.table.Len()))
+			return s.Close()
+		case <-tick.C:
+		}
+	}
+	return s.Close()
+}
+
+// Ready reports whether the gateway is started and not shutting down.
+func (s *Server) Ready() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.started && !s.draining.Load()
+}
+
+// logLimit logs refusals for limits at most once every 10 seconds, with
+// how many were not logged.
+func (s *Server) logLimit(err error) {
+	n := s.limitLogs.Add(1)
+	now := time.Now().UnixNano()
+	last := s.lastLimit.Load()
+	if now-last < int64(10*time.Second) || !s.lastLimit.CompareAndSwap(last, now) {
+		return
+	}
+	s.limitLogs.Store(0)
+	s.log.Warn("flows refused by a limit", zap.Error(err), zap.Uint64("refused_since_last_line", n))
 }

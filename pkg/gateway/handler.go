@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 
 	"go.uber.org/zap"
@@ -20,21 +21,57 @@ type handler Server
 
 var _ netstack.Handler = (*handler)(nil)
 
-// refusal turns a nat error into the refusal the client sees.
-func refusal(err error, limit netstack.Refusal) error {
+// Why flows are refused, as counted in Stats and metrics.
+const (
+	RefusedPolicy   = iota // the policy denies the destination
+	RefusedLimit           // a peer's rate or flow limit, or the table's size
+	RefusedPorts           // the egress slice has no free port
+	RefusedDial            // the destination refused or did not answer
+	RefusedDraining        // the gateway is shutting down
+	numRefusals
+)
+
+// RefusalNames name the refusal reasons, by index.
+var RefusalNames = [numRefusals]string{"policy", "limit", "port_exhaustion", "dial_error", "draining"}
+
+var errDraining = errors.New("gateway: shutting down, no new flows")
+
+// refuse counts a refused flow by its reason and turns the error into the
+// refusal the client sees; limit is how a limit is refused for this
+// protocol.
+func (s *Server) refuse(err error, limit netstack.Refusal) error {
 	switch {
 	case errors.Is(err, nat.ErrDenied):
+		s.refusals[RefusedPolicy].Add(1)
 		return netstack.Refuse(netstack.RefuseProhibited, err)
-	case errors.Is(err, nat.ErrTableFull), errors.Is(err, nat.ErrPortsExhausted):
+	case errors.Is(err, nat.ErrTableFull), errors.Is(err, nat.ErrRateLimited), errors.Is(err, nat.ErrPeerFlowLimit):
+		s.refusals[RefusedLimit].Add(1)
+		s.logLimit(err)
+		return netstack.Refuse(limit, err)
+	case errors.Is(err, nat.ErrPortsExhausted):
+		s.refusals[RefusedPorts].Add(1)
+		return netstack.Refuse(limit, err)
+	case errors.Is(err, errDraining):
+		s.refusals[RefusedDraining].Add(1)
 		return netstack.Refuse(limit, err)
 	case errors.Is(err, nat.ErrPingUnavailable):
 		return netstack.Refuse(netstack.RefuseDrop, err)
 	}
+	s.refusals[RefusedDial].Add(1)
 	return err
+}
+
+// check applies the policy for a peer's new flow.
+func (s *Server) check(peer string, proto nat.Proto, dst netip.AddrPort) error {
+	return s.policy.Load().CheckPeer(peer, proto, dst)
 }
 
 func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error) {
 	s := (*Server)(h)
+	if s.draining.Load() {
+		return nil, s.refuse(errDraining, netstack.RefuseReset)
+	}
+	peer := s.peerOf(src.Addr())
 	// The gateway's own addresses serve DNS, relayed to an upstream
 	// resolver, and nothing else.
 	to := dst
@@ -44,23 +81,27 @@ func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Con
 			return nil, netstack.Refuse(netstack.RefuseReset, errors.New("gateway: nothing listens there"))
 		}
 		to = up
-	} else if err := h.policy.Check(nat.TCP, dst); err != nil {
+	} else if err := s.check(peer, nat.TCP, dst); err != nil {
 		h.log.Debug("flow denied", zap.Stringer("src", src), zap.Error(err))
-		return nil, refusal(err, netstack.RefuseReset)
+		return nil, s.refuse(err, netstack.RefuseReset)
 	}
-	c := &tcpConn{}
-	flow, err := h.table.Insert(nat.Key{Proto: nat.TCP, Client: src, Dest: dst}, s.peerOf(src.Addr()), c.evict)
+	release, err := s.limiter.Admit(peer)
 	if err != nil {
-		return nil, refusal(err, netstack.RefuseReset)
+		return nil, s.refuse(err, netstack.RefuseReset)
+	}
+	release = sync.OnceFunc(release)
+	c := &tcpConn{release: release}
+	flow, err := h.table.Insert(nat.Key{Proto: nat.TCP, Client: src, Dest: dst}, peer, c.evict)
+	if err != nil {
+		release()
+		return nil, s.refuse(err, netstack.RefuseReset)
 	}
 	conn, err := h.egress.DialTCP(ctx, to)
 	if err != nil {
 		flow.End(nat.ReasonReset)
-		if errors.Is(err, nat.ErrPortsExhausted) {
-			return nil, refusal(err, netstack.RefuseReset)
-		}
+		release()
 		h.log.Debug("dial failed", zap.Stringer("dst", dst), zap.Error(err))
-		return nil, err
+		return nil, s.refuse(err, netstack.RefuseReset)
 	}
 	if local, ok := conn.LocalAddr().(*net.TCPAddr); ok {
 		flow.SetEgress(local.AddrPort())
@@ -71,6 +112,7 @@ func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Con
 	if c.evicted.Load() {
 		// The table ended the flow while the dial was in progress.
 		conn.Close()
+		release()
 		return nil, netstack.Refuse(netstack.RefuseReset, errors.New("gateway: flow evicted during dial"))
 	}
 	return c, nil
@@ -81,11 +123,15 @@ func (h *handler) HandleUDP(src, dst netip.AddrPort, payload []byte) error {
 	if s.own[dst.Addr().Unmap()] {
 		return s.dns.query(src, dst, payload)
 	}
-	if err := h.policy.Check(nat.UDP, dst); err != nil {
-		return refusal(err, netstack.RefuseHostUnreachable)
+	peer := s.peerOf(src.Addr())
+	if err := s.check(peer, nat.UDP, dst); err != nil {
+		return s.refuse(err, netstack.RefuseHostUnreachable)
 	}
-	if err := h.udp.Send(s.peerOf(src.Addr()), src, dst, payload); err != nil {
-		return refusal(err, netstack.RefuseHostUnreachable)
+	if s.draining.Load() && h.table.Lookup(nat.Key{Proto: nat.UDP, Client: src, Dest: dst}) == nil {
+		return s.refuse(errDraining, netstack.RefuseHostUnreachable)
+	}
+	if err := h.udp.Send(peer, src, dst, payload); err != nil {
+		return s.refuse(err, netstack.RefuseHostUnreachable)
 	}
 	return nil
 }
@@ -96,11 +142,12 @@ func (h *handler) HandleEcho(src, dst netip.Addr, id, seq uint16, payload []byte
 		// The gateway is the destination here: it answers for itself.
 		return s.stack.WriteEchoReply(dst, src, id, seq, payload)
 	}
-	if err := h.policy.Check(nat.ICMP, netip.AddrPortFrom(dst, 0)); err != nil {
-		return refusal(err, netstack.RefuseDrop)
+	peer := s.peerOf(src)
+	if err := s.check(peer, nat.ICMP, netip.AddrPortFrom(dst, 0)); err != nil {
+		return s.refuse(err, netstack.RefuseDrop)
 	}
-	if err := h.pinger.Echo(s.peerOf(src), src, dst, id, seq, payload); err != nil {
-		return refusal(err, netstack.RefuseDrop)
+	if err := h.pinger.Echo(peer, src, dst, id, seq, payload); err != nil {
+		return s.refuse(err, netstack.RefuseDrop)
 	}
 	return nil
 }
@@ -118,6 +165,7 @@ func (s *Server) deliverEcho(src, dst netip.Addr, id, seq uint16, payload []byte
 type tcpConn struct {
 	*net.TCPConn
 	flow    *nat.Flow
+	release func()      // the flow's place in its peer's limit
 	ready   atomic.Bool // TCPConn and flow are set
 	evicted atomic.Bool
 }
@@ -159,6 +207,7 @@ func (c *tcpConn) Close() error {
 		reason = nat.ReasonEvicted
 	}
 	c.flow.End(reason)
+	c.release()
 	return c.TCPConn.Close()
 }
 

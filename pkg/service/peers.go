@@ -231,6 +231,19 @@ func AddPeer(ctx context.Context, dir string, r PeerRequest) (NewPeer, error) {
 	return np, err
 }
 
+// AddPeerVia adds a peer through a running gateway's API client.
+func AddPeerVia(ctx context.Context, c *admin.Client, r PeerRequest) (NewPeer, error) {
+	req, priv, err := r.keys()
+	if err != nil {
+		return NewPeer{}, err
+	}
+	resp, err := c.AddPeer(ctx, req)
+	if err != nil {
+		return NewPeer{}, err
+	}
+	return newPeer(resp, req.PresharedKey, priv, r.Endpoint)
+}
+
 // RemovePeer removes a peer from the gateway whose state is in dir, like
 // AddPeer adds one.
 func RemovePeer(ctx context.Context, dir, name string) error {

@@ -9,11 +9,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"path/filepath"
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/zap"
 
 	"github.com/sluice-vpn/sluice/pkg/admin"
@@ -51,10 +54,23 @@ type Options struct {
 	// FirstPeer names the peer created when the state has none, so that a
 	// new user is connected in one step ["peer1"]. "-" creates none.
 	FirstPeer string
-	// Gateway carries the gateway's egress, policy, table and stack
-	// options; its Device, WireGuard, Addrs and DNSUpstreams are set by
-	// the service.
+	// Gateway carries the gateway's egress, policy, limits, table and
+	// stack options; its Device, WireGuard, Addrs and DNSUpstreams are set
+	// by the service.
 	Gateway gateway.Options
+	// Admin is a TCP address for the admin API besides the control socket;
+	// it must be a loopback address unless AdminInsecure is set.
+	Admin         string
+	AdminInsecure bool
+	// ShutdownGrace is how long Run lets open flows drain once its
+	// context is done [30s].
+	ShutdownGrace time.Duration
+	// Reload re-reads the configuration on SIGHUP or an admin call; nil
+	// means the configuration cannot be reloaded. It returns what can
+	// change at once, and the new configuration as YAML for the API.
+	Reload func(ctx context.Context) (Reloadable, []byte, error)
+	// ConfigYAML is the running configuration, shown by the admin API.
+	ConfigYAML []byte
 	// Logger receives the service's logs; nil means none.
 	Logger *zap.Logger
 }
@@ -67,8 +83,10 @@ type Service struct {
 	unlock func()
 	gw     *gateway.Server
 
-	mu sync.Mutex // guards st
-	st *state.State
+	mu         sync.Mutex // guards st and configYAML
+	st         *state.State
+	configYAML []byte
+	reloadMu   sync.Mutex
 
 	first *NewPeer
 }
@@ -89,10 +107,13 @@ func New(ctx context.Context, opts Options) (svc *Service, err error) {
 	if opts.FirstPeer == "" {
 		opts.FirstPeer = "peer1"
 	}
+	if opts.ShutdownGrace == 0 {
+		opts.ShutdownGrace = 30 * time.Second
+	}
 	if opts.Pools == (state.Pools{}) {
 		opts.Pools = state.DefaultPools
 	}
-	s := &Service{opts: opts, log: opts.Logger.Named("service")}
+	s := &Service{opts: opts, log: opts.Logger.Named("service"), configYAML: opts.ConfigYAML}
 	if s.store, err = state.Open(opts.StateDir); err != nil {
 		return nil, err
 	}
@@ -202,21 +223,64 @@ func (s *Service) Gateway() *gateway.Server { return s.gw }
 // StateDir is the state directory.
 func (s *Service) StateDir() string { return s.store.Dir() }
 
-// Run starts the gateway and serves the control socket until ctx is done,
-// then stops both and releases the state directory.
+// Run starts the gateway and serves the admin API on the control socket
+// (and on Options.Admin) until ctx is done; then it lets open flows drain
+// for Options.ShutdownGrace, stops, and releases the state directory.
 func (s *Service) Run(ctx context.Context) error {
 	defer s.unlock()
 	defer s.gw.Close()
-	if err := s.gw.Start(ctx); err != nil {
+	runCtx, stop := context.WithCancel(context.Background())
+	defer stop()
+	if err := s.gw.Start(runCtx); err != nil {
 		return err
 	}
+	h := admin.NewHandler(admin.Options{
+		Peers: s, Flows: s, Status: s, Config: s,
+		Metrics: s.metrics(),
+		Ready:   s.gw.Ready,
+	})
 	sock := filepath.Join(s.store.Dir(), SocketName)
 	ln, err := admin.ListenUnix(sock)
 	if err != nil {
 		return err
 	}
-	s.log.Info("control socket", zap.String("path", sock))
-	return admin.Serve(ctx, ln, admin.NewHandler(s), s.log.Named("admin"))
+	lns := []net.Listener{ln}
+	if s.opts.Admin != "" {
+		tl, err := admin.ListenTCP(s.opts.Admin, s.opts.AdminInsecure)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		lns = append(lns, tl)
+	}
+	apiCtx, stopAPI := context.WithCancel(context.Background())
+	errc := make(chan error, len(lns))
+	for _, l := range lns {
+		s.log.Info("admin API", zap.String("addr", l.Addr().String()))
+		go func() { errc <- admin.Serve(apiCtx, l, h, s.log.Named("admin")) }()
+	}
+
+	<-ctx.Done()
+	// The API stays up while flows drain, so an operator can watch them.
+	grace, cancel := context.WithTimeout(context.Background(), s.opts.ShutdownGrace)
+	s.gw.Shutdown(grace)
+	cancel()
+	stopAPI()
+	var errs []error
+	for range lns {
+		errs = append(errs, <-errc)
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Service) metrics() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		s.gw.Collector(),
+	)
+	return reg
 }
 
 // Close stops a service that was never run.

@@ -36,6 +36,8 @@ func testOptions(t *testing.T, dir string) Options {
 		ListenPort:   freePort(t),
 		Endpoint:     "127.0.0.1:1", // replaced by each test that dials
 		DNSUpstreams: []netip.AddrPort{},
+		// The tests' clients vanish without closing their flows.
+		ShutdownGrace: 200 * time.Millisecond,
 		Gateway: gateway.Options{
 			Policy: nat.PolicyOptions{Allow: []nat.Rule{{Prefix: netip.MustParsePrefix("127.0.0.0/8")}}},
 		},
