@@ -66,6 +66,10 @@ type UDPOptions struct {
 	// mapping holds a buffer this large; larger datagrams are dropped and
 	// counted in UDPStats.Truncated.
 	MaxDatagram int
+	// Admit, if set, is asked before each new flow (a client source and a
+	// destination it has not talked to yet) and its release is called when
+	// the flow ends: a peer's limits apply to UDP flows as to TCP.
+	Admit func(peer string) (release func(), err error)
 	// Logger receives rare, mapping-level messages. Nil means none.
 	Logger *zap.Logger
 }
@@ -94,6 +98,7 @@ type UDPMapper struct {
 	table     *Table
 	filtering Filtering
 	deliver   func(src, dst netip.AddrPort, payload []byte)
+	admit     func(peer string) (release func(), err error)
 	maxDgram  int
 	log       *zap.Logger
 
@@ -133,8 +138,15 @@ type udpMapping struct {
 
 // udpDest is one destination of a mapping, with its flow.
 type udpDest struct {
-	remote netip.AddrPort
-	flow   *Flow // set under the mapping's mu
+	remote  netip.AddrPort
+	flow    *Flow  // set under the mapping's mu
+	release func() // the flow's place in its peer's limits; nil without Admit
+}
+
+func (d *udpDest) done() {
+	if d.release != nil {
+		d.release()
+	}
 }
 
 // NewUDP returns a UDP mapper that opens egress sockets from opts.Listener
@@ -168,6 +180,7 @@ func NewUDP(opts UDPOptions) (*UDPMapper, error) {
 		table:     opts.Table,
 		filtering: opts.Filtering,
 		deliver:   opts.Deliver,
+		admit:     opts.Admit,
 		maxDgram:  opts.MaxDatagram,
 		log:       opts.Logger.Named("udp"),
 	}
@@ -306,8 +319,16 @@ func (m *udpMapping) flowTo(dst netip.AddrPort) (*Flow, error) {
 // that is safe because the table never calls closers under its locks.
 func (m *udpMapping) addDestLocked(remote netip.AddrPort) (*udpDest, error) {
 	d := &udpDest{remote: remote}
+	if admit := m.u.admit; admit != nil {
+		release, err := admit(m.peer)
+		if err != nil {
+			return nil, err
+		}
+		d.release = release
+	}
 	f, err := m.u.table.Insert(Key{Proto: UDP, Client: m.client, Dest: remote}, m.peer, func(Reason) { m.drop(d) })
 	if err != nil {
+		d.done()
 		return nil, err // it names the key already
 	}
 	d.flow = f
@@ -325,6 +346,7 @@ func (m *udpMapping) drop(d *udpDest) {
 		return
 	}
 	delete(m.dests, d.remote)
+	d.done()
 	if len(m.dests) == 0 && !m.closed {
 		m.closeLocked()
 	}
@@ -357,6 +379,7 @@ func (m *udpMapping) shutdown(reason Reason) {
 	m.mu.Unlock()
 	for _, d := range dests {
 		d.flow.End(reason)
+		d.done()
 	}
 }
 

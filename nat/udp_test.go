@@ -105,12 +105,16 @@ type udpFixture struct {
 	lis   *loopListener
 }
 
-func newUDPFixture(t *testing.T, filtering Filtering, topts TableOptions) *udpFixture {
+func newUDPFixture(t *testing.T, filtering Filtering, topts TableOptions, mods ...func(*UDPOptions)) *udpFixture {
 	t.Helper()
 	f := &udpFixture{sink: make(sink, 64), lis: &loopListener{}}
 	f.table, f.clock = newTestTable(t, topts)
+	opts := UDPOptions{Listener: f.lis, Table: f.table, Filtering: filtering, Deliver: f.sink.deliver}
+	for _, mod := range mods {
+		mod(&opts)
+	}
 	var err error
-	f.udp, err = NewUDP(UDPOptions{Listener: f.lis, Table: f.table, Filtering: filtering, Deliver: f.sink.deliver})
+	f.udp, err = NewUDP(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -691,4 +695,29 @@ func BenchmarkUDPSendParallel(b *testing.B) {
 			}
 		}
 	})
+}
+
+// TestUDPAdmit holds a client source to its peer's flow limit: a new
+// destination beyond it is refused, and a flow that ends frees its place.
+func TestUDPAdmit(t *testing.T) {
+	lim, err := NewLimiter(LimiterOptions{Default: Limits{NewFlowsPerSecond: -1, MaxFlows: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv1 := startUDPServer(t, "udp4", "127.0.0.1:0")
+	srv2 := startUDPServer(t, "udp4", "127.0.0.1:0")
+	f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{}, func(o *UDPOptions) { o.Admit = lim.Admit })
+	if err := f.udp.Send("p", client1, srv1.addr, []byte("a")); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.udp.Send("p", client1, srv1.addr, []byte("again")); err != nil {
+		t.Fatalf("a datagram on an admitted flow: %v", err)
+	}
+	if err := f.udp.Send("p", client1, srv2.addr, []byte("b")); !errors.Is(err, ErrPeerFlowLimit) {
+		t.Fatalf("a second flow beyond the limit: %v", err)
+	}
+	f.table.Evict(f.table.Lookup(Key{UDP, client1, srv1.addr}).ID())
+	if err := f.udp.Send("p", client1, srv2.addr, []byte("b")); err != nil {
+		t.Fatalf("after the first flow ended: %v", err)
+	}
 }
