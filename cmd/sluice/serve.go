@@ -1,26 +1,33 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluice-vpn/sluice/nat"
+	"github.com/sluice-vpn/sluice/pkg/config"
 	"github.com/sluice-vpn/sluice/pkg/gateway"
 	"github.com/sluice-vpn/sluice/pkg/service"
-	"github.com/sluice-vpn/sluice/pkg/state"
 	"github.com/sluice-vpn/sluice/tunnel/kerneltun"
 )
 
-// serveFlags are the flags of sluice serve, as typed.
+// serveFlags are the flags of sluice serve, as typed. A flag given on the
+// command line overrides the configuration file.
 type serveFlags struct {
+	configFile string
+
 	// WireGuard mode, the default.
 	listen      string
 	stateDir    string
@@ -33,12 +40,14 @@ type serveFlags struct {
 	tun   string
 	tunFD int
 
-	mtu         int
-	egressAddrs []string
-	egressPorts string
-	shard       string
-	allow, deny []string
-	logLevel    string
+	mtu           int
+	egressAddrs   []string
+	egressPorts   string
+	shard         string
+	allow, deny   []string
+	logLevel      string
+	admin         string
+	adminInsecure bool
 }
 
 func newServeCmd() *cobra.Command {
@@ -54,8 +63,14 @@ configuration and QR code.
 With --tun NAME (or --tun-fd N) it serves a kernel TUN device instead.
 
 Either way every TCP and UDP flow and every ping that arrives is terminated
-in user space and re-dialled from this host's sockets.`,
+in user space and re-dialled from this host's sockets.
+
+--config FILE reads every option from a YAML file (see sluice config
+check); flags override it. SIGHUP re-reads it: policy and limits change at
+once, and flows the new policy denies are closed. SIGTERM stops taking new
+flows and lets open ones drain for shutdown.grace before closing them.`,
 		Example: `  sluice serve
+  sluice serve --config /etc/sluice/sluice.yaml
   sluice serve --listen :51821 --endpoint vpn.example.com:51821 --state /srv/sluice
   sluice serve --tun sluice0 --egress-ports 40000-49999 --shard 1/4 --allow 10.1.0.0/16:443`,
 		Args: cobra.NoArgs,
@@ -63,105 +78,162 @@ in user space and re-dialled from this host's sockets.`,
 			return runServe(cmd, f)
 		},
 	}
+	d := config.Default()
 	fl := cmd.Flags()
-	fl.StringVar(&f.listen, "listen", ":51820", "WireGuard's UDP `[ADDR]:PORT`")
+	fl.StringVarP(&f.configFile, "config", "c", "", "read the configuration from YAML `FILE`; flags override it")
+	fl.StringVar(&f.listen, "listen", d.Listen.String(), "WireGuard's UDP `[ADDR]:PORT`")
 	fl.StringVar(&f.stateDir, "state", "", "state `DIR` (default $STATE_DIRECTORY, else $XDG_STATE_HOME/sluice, else ~/.local/state/sluice; /var/lib/sluice as root)")
 	fl.StringVar(&f.endpoint, "endpoint", "", "public `HOST:PORT` written into client configurations (default: a guess)")
 	fl.StringArrayVar(&f.dnsUpstream, "dns-upstream", nil, "resolver `ADDR[:PORT]` for clients' DNS queries (repeatable; default: /etc/resolv.conf)")
-	fl.StringVar(&f.poolV4, "pool-v4", state.DefaultPools.V4.String(), "IPv4 tunnel address `PREFIX` of a new state")
-	fl.StringVar(&f.poolV6, "pool-v6", state.DefaultPools.V6.String(), "IPv6 tunnel address `PREFIX` of a new state")
+	fl.StringVar(&f.poolV4, "pool-v4", d.Pools.V4.String(), "IPv4 tunnel address `PREFIX` of a new state")
+	fl.StringVar(&f.poolV6, "pool-v6", d.Pools.V6.String(), "IPv6 tunnel address `PREFIX` of a new state")
 	fl.StringVar(&f.tun, "tun", "", "serve a new kernel TUN device `NAME` instead of WireGuard")
 	fl.IntVar(&f.tunFD, "tun-fd", -1, "serve the already open TUN file descriptor `N` instead of WireGuard")
-	fl.IntVar(&f.mtu, "mtu", 1420, "MTU of the tunnel")
+	fl.IntVar(&f.mtu, "mtu", d.MTU, "MTU of the tunnel")
 	fl.StringArrayVar(&f.egressAddrs, "egress-addr", nil, "local `ADDR` egress sockets bind to, at most one per family (repeatable; default: the kernel's choice)")
-	fl.StringVar(&f.egressPorts, "egress-ports", nat.DefaultEgressPorts.String(), "egress port range `LO-HI`, shared by all shards")
+	fl.StringVar(&f.egressPorts, "egress-ports", d.Egress.Ports.String(), "egress port range `LO-HI`, shared by all shards")
 	fl.StringVar(&f.shard, "shard", "0/1", "this instance's slice `I/N` of the egress port range")
 	fl.StringArrayVar(&f.allow, "allow", nil, "open a destination the default policy denies; `RULE` is [PROTO/]CIDR[:PORTS] (repeatable)")
 	fl.StringArrayVar(&f.deny, "deny", nil, "close a destination; `RULE` is [PROTO/]CIDR[:PORTS] (repeatable)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log `LEVEL`: debug, info, warn or error")
+	fl.StringVar(&f.admin, "admin", "", "also serve the admin API on TCP `ADDR:PORT` (loopback only, unless --admin-insecure)")
+	fl.BoolVar(&f.adminInsecure, "admin-insecure", false, "allow --admin on an address other than loopback (the API has no authentication)")
 	return cmd
 }
 
-// gatewayOptions turns the flags shared by both modes into gateway
-// options, naming the flag that is wrong.
-func (f serveFlags) gatewayOptions() (gateway.Options, error) {
-	var o gateway.Options
-	if f.mtu < 1280 || f.mtu > 65535 {
-		return o, fmt.Errorf("--mtu %d: must be within 1280-65535", f.mtu)
-	}
-	o.MTU = f.mtu
-	for _, s := range f.egressAddrs {
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			return o, fmt.Errorf("--egress-addr %q: not an IP address", s)
+// config reads the configuration file, if any, and lays the flags given on
+// the command line over it. Errors name the flag or the file's field.
+func (f serveFlags) config(cmd *cobra.Command) (*config.Config, error) {
+	c := config.Default()
+	if f.configFile != "" {
+		var err error
+		if c, err = config.Load(f.configFile); err != nil {
+			return nil, err
 		}
-		o.Egress.Addrs = append(o.Egress.Addrs, a)
 	}
-	ports, err := nat.ParsePortRange(f.egressPorts)
-	if err != nil {
-		return o, fmt.Errorf("--egress-ports %q: %v", f.egressPorts, err)
-	}
-	o.Egress.Ports = ports
-	if o.Egress.Shard, o.Egress.Shards, err = parseShard(f.shard); err != nil {
-		return o, fmt.Errorf("--shard %q: %v", f.shard, err)
-	}
-	for _, s := range f.allow {
-		r, err := nat.ParseRule(s)
+	set := cmd.Flags().Changed
+	var err error
+	if set("listen") {
+		host, portStr, err := splitHostPort(f.listen)
 		if err != nil {
-			return o, fmt.Errorf("--allow %q: %v", s, err)
+			return nil, fmt.Errorf("--listen %q: %v", f.listen, err)
 		}
-		o.Policy.Allow = append(o.Policy.Allow, r)
-	}
-	for _, s := range f.deny {
-		r, err := nat.ParseRule(s)
-		if err != nil {
-			return o, fmt.Errorf("--deny %q: %v", s, err)
+		c.Listen.Addr = netip.Addr{}
+		if host != "" {
+			if c.Listen.Addr, err = netip.ParseAddr(host); err != nil {
+				return nil, fmt.Errorf("--listen %q: %q is not an IP address", f.listen, host)
+			}
 		}
-		o.Policy.Deny = append(o.Policy.Deny, r)
+		port, err := strconv.Atoi(portStr)
+		if err != nil || port < 1 || port > 65535 {
+			return nil, fmt.Errorf("--listen %q: port must be within 1-65535", f.listen)
+		}
+		c.Listen.Port = uint16(port)
 	}
-	return o, nil
+	if set("state") {
+		c.State = f.stateDir
+	}
+	if set("endpoint") {
+		if _, _, err := splitHostPort(f.endpoint); err != nil {
+			return nil, fmt.Errorf("--endpoint %q: %v", f.endpoint, err)
+		}
+		c.Endpoint = f.endpoint
+	}
+	if set("dns-upstream") {
+		c.DNS.Upstreams = nil
+		for _, s := range f.dnsUpstream {
+			ap, err := netip.ParseAddrPort(s)
+			if err != nil {
+				a, aerr := netip.ParseAddr(s)
+				if aerr != nil {
+					return nil, fmt.Errorf("--dns-upstream %q: want ADDR or ADDR:PORT", s)
+				}
+				ap = netip.AddrPortFrom(a, 53)
+			}
+			c.DNS.Upstreams = append(c.DNS.Upstreams, ap)
+		}
+	}
+	if set("pool-v4") {
+		if c.Pools.V4, err = netip.ParsePrefix(f.poolV4); err != nil || !c.Pools.V4.Addr().Is4() {
+			return nil, fmt.Errorf("--pool-v4 %q: not an IPv4 prefix", f.poolV4)
+		}
+	}
+	if set("pool-v6") {
+		if c.Pools.V6, err = netip.ParsePrefix(f.poolV6); err != nil || !c.Pools.V6.Addr().Is6() {
+			return nil, fmt.Errorf("--pool-v6 %q: not an IPv6 prefix", f.poolV6)
+		}
+	}
+	if set("tun") {
+		c.TUN.Name = f.tun
+	}
+	if set("tun-fd") {
+		c.TUN.FD = f.tunFD
+	}
+	if set("mtu") {
+		if f.mtu < 1280 || f.mtu > 65535 {
+			return nil, fmt.Errorf("--mtu %d: must be within 1280-65535", f.mtu)
+		}
+		c.MTU = f.mtu
+	}
+	if set("egress-addr") {
+		c.Egress.Addrs = nil
+		for _, s := range f.egressAddrs {
+			a, err := netip.ParseAddr(s)
+			if err != nil {
+				return nil, fmt.Errorf("--egress-addr %q: not an IP address", s)
+			}
+			c.Egress.Addrs = append(c.Egress.Addrs, a)
+		}
+	}
+	if set("egress-ports") {
+		if c.Egress.Ports, err = nat.ParsePortRange(f.egressPorts); err != nil {
+			return nil, fmt.Errorf("--egress-ports %q: %v", f.egressPorts, err)
+		}
+	}
+	if set("shard") {
+		if c.Egress.Shard, c.Egress.Shards, err = parseShard(f.shard); err != nil {
+			return nil, fmt.Errorf("--shard %q: %v", f.shard, err)
+		}
+	}
+	if set("allow") {
+		if c.Policy.Allow, err = parseRules("--allow", f.allow); err != nil {
+			return nil, err
+		}
+	}
+	if set("deny") {
+		if c.Policy.Deny, err = parseRules("--deny", f.deny); err != nil {
+			return nil, err
+		}
+	}
+	if set("log-level") {
+		if c.Log.Level, err = zapcore.ParseLevel(f.logLevel); err != nil {
+			return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", f.logLevel)
+		}
+	}
+	if set("admin") {
+		if c.Admin.Listen, err = netip.ParseAddrPort(f.admin); err != nil {
+			return nil, fmt.Errorf("--admin %q: want IP:PORT", f.admin)
+		}
+	}
+	if set("admin-insecure") {
+		c.Admin.Insecure = f.adminInsecure
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
-// serviceOptions turns the WireGuard mode's flags into service options.
-func (f serveFlags) serviceOptions(gw gateway.Options) (service.Options, error) {
-	o := service.Options{StateDir: f.stateDir, Endpoint: f.endpoint, Gateway: gw}
-	host, portStr, err := splitHostPort(f.listen)
-	if err != nil {
-		return o, fmt.Errorf("--listen %q: %v", f.listen, err)
-	}
-	if host != "" {
-		if o.ListenAddr, err = netip.ParseAddr(host); err != nil {
-			return o, fmt.Errorf("--listen %q: %q is not an IP address", f.listen, host)
-		}
-	}
-	port, err := strconv.Atoi(portStr)
-	if err != nil || port < 1 || port > 65535 {
-		return o, fmt.Errorf("--listen %q: port must be within 1-65535", f.listen)
-	}
-	o.ListenPort = port
-	if f.endpoint != "" {
-		if _, _, err := splitHostPort(f.endpoint); err != nil {
-			return o, fmt.Errorf("--endpoint %q: %v", f.endpoint, err)
-		}
-	}
-	for _, s := range f.dnsUpstream {
-		ap, err := netip.ParseAddrPort(s)
+func parseRules(flag string, in []string) ([]nat.Rule, error) {
+	var out []nat.Rule
+	for _, s := range in {
+		r, err := nat.ParseRule(s)
 		if err != nil {
-			a, aerr := netip.ParseAddr(s)
-			if aerr != nil {
-				return o, fmt.Errorf("--dns-upstream %q: want ADDR or ADDR:PORT", s)
-			}
-			ap = netip.AddrPortFrom(a, 53)
+			return nil, fmt.Errorf("%s %q: %v", flag, s, err)
 		}
-		o.DNSUpstreams = append(o.DNSUpstreams, ap)
+		out = append(out, r)
 	}
-	if o.Pools.V4, err = netip.ParsePrefix(f.poolV4); err != nil || !o.Pools.V4.Addr().Is4() {
-		return o, fmt.Errorf("--pool-v4 %q: not an IPv4 prefix", f.poolV4)
-	}
-	if o.Pools.V6, err = netip.ParsePrefix(f.poolV6); err != nil || !o.Pools.V6.Addr().Is6() {
-		return o, fmt.Errorf("--pool-v6 %q: not an IPv6 prefix", f.poolV6)
-	}
-	return o, nil
+	return out, nil
 }
 
 func splitHostPort(s string) (host, port string, err error) {
@@ -194,26 +266,29 @@ func parseShard(s string) (i, n int, err error) {
 }
 
 func runServe(cmd *cobra.Command, f serveFlags) error {
-	log, err := newLogger(f.logLevel)
+	conf, err := f.config(cmd)
 	if err != nil {
 		return err
 	}
+	log := newLogger(conf.Log.Level)
 	defer log.Sync()
-	gopts, err := f.gatewayOptions()
-	if err != nil {
-		return err
+	if conf.TUN.Enabled() {
+		return serveTUN(cmd, f, conf, log)
 	}
-	gopts.Logger = log
-	if f.tun != "" || f.tunFD >= 0 {
-		return serveTUN(cmd, f, gopts, log)
-	}
-	sopts, err := f.serviceOptions(gopts)
-	if err != nil {
-		return err
-	}
-	sopts.Logger = log
 	raiseFileLimit(log)
 
+	sopts := conf.ServiceOptions()
+	sopts.Logger = log
+	sopts.ConfigYAML, _ = config.Marshal(conf)
+	sopts.Reload = func(context.Context) (service.Reloadable, []byte, error) {
+		next, err := f.config(cmd)
+		if err != nil {
+			return service.Reloadable{}, nil, err
+		}
+		warnRestart(log, conf, next)
+		yaml, err := config.Marshal(next)
+		return next.Reloadable(), yaml, err
+	}
 	ctx := cmd.Context()
 	svc, err := service.New(ctx, sopts)
 	if err != nil {
@@ -225,25 +300,61 @@ func runServe(cmd *cobra.Command, f serveFlags) error {
 		printPeerConfig(cmd.OutOrStdout(), np, true)
 	}
 	log.Info("state", zap.String("dir", svc.StateDir()))
+	stop := onHangup(ctx, func() {
+		if err := svc.Reload(ctx); err != nil {
+			log.Error("reload rejected; the running configuration stays", zap.Error(err))
+		}
+	})
+	defer stop()
 	return svc.Run(ctx)
 }
 
-func serveTUN(cmd *cobra.Command, f serveFlags, opts gateway.Options, log *zap.Logger) (err error) {
-	switch {
-	case f.tun != "" && f.tunFD >= 0:
-		return errors.New("--tun and --tun-fd: give one packet source, not both")
-	case f.tunFD >= 0:
-		file := os.NewFile(uintptr(f.tunFD), "tun-fd")
+// onHangup calls reload on every SIGHUP until ctx is done; stop ends it.
+func onHangup(ctx context.Context, reload func()) (stop func()) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-hup:
+				reload()
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return func() {
+		signal.Stop(hup)
+		<-done
+	}
+}
+
+// warnRestart says when a reload changes settings it cannot apply.
+func warnRestart(log *zap.Logger, old, next *config.Config) {
+	a, b := old.Clone(), next.Clone()
+	a.Policy, b.Policy = config.Policy{}, config.Policy{}
+	ya, _ := config.Marshal(a)
+	yb, _ := config.Marshal(b)
+	if string(ya) != string(yb) {
+		log.Warn("the new configuration changes settings other than the policy and limits; they apply at the next restart")
+	}
+}
+
+func serveTUN(cmd *cobra.Command, f serveFlags, conf *config.Config, log *zap.Logger) (err error) {
+	opts := conf.GatewayOptions()
+	opts.Logger = log
+	if conf.TUN.FD >= 0 {
+		file := os.NewFile(uintptr(conf.TUN.FD), "tun-fd")
 		if file == nil {
-			return fmt.Errorf("--tun-fd %d: not an open file descriptor", f.tunFD)
+			return fmt.Errorf("--tun-fd %d: not an open file descriptor", conf.TUN.FD)
 		}
-		if opts.Device, err = kerneltun.Open(kerneltun.Options{File: file, MTU: f.mtu, Logger: log}); err != nil {
-			return fmt.Errorf("--tun-fd %d: %w", f.tunFD, err)
+		if opts.Device, err = kerneltun.Open(kerneltun.Options{File: file, MTU: conf.MTU, Logger: log}); err != nil {
+			return fmt.Errorf("--tun-fd %d: %w", conf.TUN.FD, err)
 		}
-	default:
-		if opts.Device, err = kerneltun.Open(kerneltun.Options{Name: f.tun, MTU: f.mtu, Logger: log}); err != nil {
-			return fmt.Errorf("--tun %q: %w", f.tun, err)
-		}
+	} else if opts.Device, err = kerneltun.Open(kerneltun.Options{Name: conf.TUN.Name, MTU: conf.MTU, Logger: log}); err != nil {
+		return fmt.Errorf("--tun %q: %w", conf.TUN.Name, err)
 	}
 	raiseFileLimit(log)
 	srv, err := gateway.New(opts)
@@ -251,13 +362,31 @@ func serveTUN(cmd *cobra.Command, f serveFlags, opts gateway.Options, log *zap.L
 		return err
 	}
 	ctx := cmd.Context()
-	if err := srv.Start(ctx); err != nil {
+	if err := srv.Start(context.Background()); err != nil {
 		srv.Close()
 		return err
 	}
+	stop := onHangup(ctx, func() {
+		next, err := f.config(cmd)
+		if err == nil {
+			warnRestart(log, conf, next)
+			r := next.Reloadable()
+			if err = srv.SetLimits(r.Limits); err == nil {
+				err = srv.SetPolicy(r.Policy)
+			}
+		}
+		if err != nil {
+			log.Error("reload rejected; the running configuration stays", zap.Error(err))
+			return
+		}
+		log.Info("configuration reloaded")
+	})
+	defer stop()
 	<-ctx.Done()
-	log.Info("shutting down")
-	return srv.Close()
+	log.Info("shutting down", zap.Duration("grace", conf.Shutdown.Grace))
+	grace, cancel := context.WithTimeout(context.Background(), conf.Shutdown.Grace)
+	defer cancel()
+	return srv.Shutdown(grace)
 }
 
 // raiseFileLimit lifts the soft limit on open files to the hard limit:

@@ -372,25 +372,35 @@ func (s *Server) SetLimits(opts nat.LimiterOptions) error {
 	return nil
 }
 
-// Shutdown stops taking new flows, waits for the open ones to end until
-// ctx is done, then closes the gateway.
+// Shutdown stops taking new flows, waits until ctx is done for the open
+// TCP connections to end, then closes the gateway. UDP and ICMP flows have
+// no end of their own to wait for; they close with it.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.draining.Store(true)
-	n := s.table.Len()
-	if n > 0 {
-		s.log.Info("draining flows", zap.Int("flows", n))
+	if n := s.openTCP(); n > 0 {
+		s.log.Info("draining TCP connections", zap.Int("connections", n))
 	}
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
-	for s.table.Len() > 0 {
+	for s.openTCP() > 0 {
 		select {
 		case <-ctx.Done():
-			s.log.Info("grace period over, closing flows", zap.Int("flows", s.table.Len()))
+			s.log.Info("grace period over, closing connections", zap.Int("connections", s.openTCP()))
 			return s.Close()
 		case <-tick.C:
 		}
 	}
 	return s.Close()
+}
+
+func (s *Server) openTCP() int {
+	n := 0
+	for _, e := range s.table.Snapshot() {
+		if e.Key.Proto == nat.TCP {
+			n++
+		}
+	}
+	return n
 }
 
 // Ready reports whether the gateway is started and not shutting down.
