@@ -1,10 +1,12 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net/url"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -24,7 +26,8 @@ func (f *flowFilterFlags) register(cmd *cobra.Command) {
 	fl.StringVarP(&f.proto, "proto", "p", "", "only `PROTO` flows: tcp, udp or icmp")
 	fl.StringVarP(&f.dest, "dest", "d", "", "only flows to destinations in `CIDR`")
 	fl.StringVar(&f.port, "port", "", "only flows to destination `PORT`")
-	fl.StringVar(&f.state, "state", "", "only flows in `STATE`: new, established, closing, unreplied, assured")
+	// Not --state: that names the state directory in every command.
+	fl.StringVar(&f.state, "flow-state", "", "only flows in `STATE`: new, established, closing, unreplied, assured")
 }
 
 func (f *flowFilterFlags) filter() (admin.FlowFilter, error) {
@@ -36,7 +39,12 @@ func (f *flowFilterFlags) filter() (admin.FlowFilter, error) {
 	}
 	ff, err := admin.ParseFlowFilter(v)
 	if err != nil {
-		return ff, fmt.Errorf("--%v", err)
+		// Name the flag: "state ..." is --flow-state, the rest match.
+		msg := strings.TrimPrefix(err.Error(), admin.ErrInvalid.Error()+": ")
+		if strings.HasPrefix(msg, "state ") {
+			msg = "flow-" + msg
+		}
+		return ff, errors.New("--" + msg)
 	}
 	return ff, nil
 }
