@@ -90,3 +90,33 @@ func benchmarkTCP(b *testing.B, up bool) {
 
 func BenchmarkTCPUpload(b *testing.B)   { benchmarkTCP(b, true) }
 func BenchmarkTCPDownload(b *testing.B) { benchmarkTCP(b, false) }
+
+// benchmarkWireGuardTCP is benchmarkTCP with WireGuard in the path: the
+// client stack sits behind a real wireguard-go device that talks to the
+// gateway over UDP on loopback.
+func benchmarkWireGuardTCP(b *testing.B, up bool) {
+	const size = 64 << 20
+	var d net.Dialer
+	base := transfer(b, d.DialContext, up, size)
+
+	srv := startWireGuardB(b)
+	c := newWGClientB(b, srv, 2)
+	if err := srv.AddPeer(Peer{Name: "bench", PublicKey: c.key.PublicKey(), Addrs: peerAddrs(2)}); err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(size)
+	b.ResetTimer()
+	var total time.Duration
+	for range b.N {
+		total += transfer(b, c.DialContext, up, size)
+	}
+	b.StopTimer()
+	gw := float64(size) * float64(b.N) / total.Seconds() / 1e6
+	lo := float64(size) / base.Seconds() / 1e6
+	b.ReportMetric(gw, "gateway-MB/s")
+	b.ReportMetric(lo, "loopback-MB/s")
+	b.ReportMetric(gw/lo, "ratio")
+}
+
+func BenchmarkWireGuardTCPUpload(b *testing.B)   { benchmarkWireGuardTCP(b, true) }
+func BenchmarkWireGuardTCPDownload(b *testing.B) { benchmarkWireGuardTCP(b, false) }

@@ -30,7 +30,9 @@ var (
 
 // startWireGuard starts a WireGuard gateway on a free loopback port, with
 // a DNS upstream of its own on loopback.
-func startWireGuard(t *testing.T) *Server {
+func startWireGuard(t *testing.T) *Server { return startWireGuardB(t) }
+
+func startWireGuardB(t testing.TB) *Server {
 	t.Helper()
 	key, err := wireguard.GeneratePrivateKey()
 	if err != nil {
@@ -61,7 +63,9 @@ type wgClient struct {
 	dev *wireguard.Device
 }
 
-func newWGClient(t *testing.T, srv *Server, n byte) *wgClient {
+func newWGClient(t *testing.T, srv *Server, n byte) *wgClient { return newWGClientB(t, srv, n) }
+
+func newWGClientB(t testing.TB, srv *Server, n byte) *wgClient {
 	t.Helper()
 	key, err := wireguard.GeneratePrivateKey()
 	if err != nil {
@@ -327,7 +331,7 @@ func lookup(c *wgClient, network string, server netip.AddrPort) (netip.Addr, err
 
 // startDNSServer answers A queries for dnsName over UDP and TCP on a
 // loopback port, and REFUSED to anything else.
-func startDNSServer(t *testing.T) netip.AddrPort {
+func startDNSServer(t testing.TB) netip.AddrPort {
 	t.Helper()
 	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
