@@ -27,7 +27,7 @@ func (s *Stack) handleUDP(id stack.TransportEndpointID, pkt *stack.PacketBuffer)
 	}
 	data.CapLength(int(uh.Length()) - header.UDPMinimumSize)
 	_, csumValid := header.UDPValid(uh, func() uint16 { return data.Checksum() },
-		uint16(data.Size()), pkt.NetworkProtocolNumber, id.RemoteAddress, id.LocalAddress, false)
+		uint16(data.Size()), pkt.NetworkProtocolNumber, id.RemoteAddress, id.LocalAddress, pkt.RXChecksumValidated)
 	if !csumValid {
 		s.malformed.Add(1)
 		return true

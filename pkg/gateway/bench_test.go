@@ -10,7 +10,7 @@ import (
 
 // sink accepts connections and discards what they send, or sends n bytes
 // to each when n > 0.
-func sink(b *testing.B, n int64) net.Listener {
+func sink(b testing.TB, n int64) net.Listener {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -40,7 +40,7 @@ func (zeros) Read(p []byte) (int, error) { clear(p); return len(p), nil }
 
 // transfer moves size bytes over one connection made by dial, up or down,
 // and returns how long it took.
-func transfer(b *testing.B, dial func(ctx context.Context, network, addr string) (net.Conn, error), up bool, size int64) time.Duration {
+func transfer(b testing.TB, dial func(ctx context.Context, network, addr string) (net.Conn, error), up bool, size int64) time.Duration {
 	n := int64(0)
 	if !up {
 		n = size
