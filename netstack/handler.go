@@ -48,9 +48,10 @@ type Handler interface {
 }
 
 // SegmentCounter is an optional interface of the connections that
-// Handler.DialTCP returns. The stack reports through it how many TCP
-// segments the client side received and sent, as increments, while the
-// connection is relayed; a byte count is what the connection itself sees.
+// Handler.DialTCP returns. The stack reports through it, as increments,
+// the TCP packets that crossed the tunnel each way while the connection
+// was relayed (counted on the wire: before GRO merges them, after GSO
+// segments are cut); the byte counts are what the connection itself sees.
 type SegmentCounter interface {
 	CountSegments(fromClient, toClient uint64)
 }

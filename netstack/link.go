@@ -32,9 +32,18 @@ type link struct {
 	// were authenticated by the tunnel.
 	trustChecksums bool
 	inbound        sync.Pool // of *inbound
+
+	// The reader's segmenter and its copy of the GSO packet in hand.
+	seg    segmenter
+	segBuf []byte
+
+	counts packetCounters
 }
 
-var _ stack.LinkEndpoint = (*link)(nil)
+var (
+	_ stack.LinkEndpoint = (*link)(nil)
+	_ stack.GSOEndpoint  = (*link)(nil)
+)
 
 func newLink(mtu, queueLen int, trustChecksums bool) *link {
 	l := &link{
@@ -42,6 +51,7 @@ func newLink(mtu, queueLen int, trustChecksums bool) *link {
 		out:            make(chan *stack.PacketBuffer, queueLen),
 		done:           make(chan struct{}),
 		trustChecksums: trustChecksums,
+		segBuf:         make([]byte, 1<<16),
 	}
 	l.inbound.New = func() any {
 		in := new(inbound)
@@ -77,6 +87,7 @@ func (l *link) begin() *inbound {
 
 // deliver queues one IP packet of the batch. b is copied.
 func (l *link) deliver(in *inbound, proto tcpip.NetworkProtocolNumber, b []byte) {
+	l.counts.count(b, true)
 	pkt := stack.NewPacketBuffer(stack.PacketBufferOptions{Payload: buffer.MakeWithData(b)})
 	pkt.NetworkProtocolNumber = proto
 	pkt.RXChecksumValidated = l.trustChecksums
@@ -113,52 +124,54 @@ func (l *link) enqueue(pkt *stack.PacketBuffer) bool {
 }
 
 // read fills bufs with queued packets: it blocks for the first one and then
-// takes whatever else is already queued, up to len(bufs).
+// takes whatever else is already queued, up to len(bufs). A GSO packet is
+// cut into MTU-sized packets here; one that does not fit the bufs left is
+// carried over to the next read. read has one caller at a time.
 func (l *link) read(bufs [][]byte, sizes []int, offset int) (int, error) {
-	var pkt *stack.PacketBuffer
-	select {
-	case pkt = <-l.out:
-	case <-l.done:
-		return 0, os.ErrClosed
-	}
 	n := 0
-	for {
+	for n < len(bufs) {
+		if l.seg.busy {
+			size, ok := l.seg.next(bufs[n][offset:])
+			if !ok {
+				l.outTooBig.Add(1)
+				continue
+			}
+			l.counts.count(bufs[n][offset:offset+size], false)
+			sizes[n] = size
+			n++
+			continue
+		}
+		var pkt *stack.PacketBuffer
+		if n == 0 {
+			select {
+			case pkt = <-l.out:
+			case <-l.done:
+				return 0, os.ErrClosed
+			}
+		} else {
+			select {
+			case pkt = <-l.out:
+			default:
+				return n, nil
+			}
+		}
+		if pkt.GSOOptions.Type != stack.GSONone {
+			if !l.seg.load(pkt, l.segBuf) {
+				l.outTooBig.Add(1)
+			}
+			pkt.DecRef()
+			continue
+		}
 		if size, ok := copyPacket(bufs[n][offset:], pkt); ok {
+			l.counts.count(bufs[n][offset:offset+size], false)
 			sizes[n] = size
 			n++
 		} else {
 			l.outTooBig.Add(1)
 		}
 		pkt.DecRef()
-		if n == len(bufs) {
-			return n, nil
-		}
-		select {
-		case pkt = <-l.out:
-		default:
-			if n == 0 {
-				// Everything we had was too big; wait for more.
-				select {
-				case pkt = <-l.out:
-					continue
-				case <-l.done:
-					return 0, os.ErrClosed
-				}
-			}
-			return n, nil
-		}
 	}
-}
-
-func copyPacket(dst []byte, pkt *stack.PacketBuffer) (int, bool) {
-	if pkt.Size() > len(dst) {
-		return 0, false
-	}
-	n := 0
-	for _, s := range pkt.AsSlices() {
-		n += copy(dst[n:], s)
-	}
-	return n, true
+	return n, nil
 }
 
 func (l *link) close() {
@@ -247,3 +260,14 @@ func (l *link) Close() { l.close() }
 
 // SetOnCloseAction implements stack.NetworkLinkEndpoint.
 func (*link) SetOnCloseAction(func()) {}
+
+func copyPacket(dst []byte, pkt *stack.PacketBuffer) (int, bool) {
+	if pkt.Size() > len(dst) {
+		return 0, false
+	}
+	n := 0
+	for _, s := range pkt.AsSlices() {
+		n += copy(dst[n:], s)
+	}
+	return n, true
+}

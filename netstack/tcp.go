@@ -138,7 +138,10 @@ func (f *tcpForwarder) handleRequest(r *tcp.ForwarderRequest) {
 	r.Complete(false)
 	ep.SocketOptions().SetKeepAlive(true)
 
-	rl := &relay{client: gonet.NewTCPConn(&wq, ep), ep: ep, upstream: upstream}
+	key := connKey{client: src, server: dst}
+	rl := &relay{client: gonet.NewTCPConn(&wq, ep), ep: ep, upstream: upstream,
+		counts: f.s.link.counts.register(key)}
+	defer f.s.link.counts.unregister(key)
 	if !f.track(rl) {
 		f.forget(id)
 		rl.abort()
@@ -202,7 +205,8 @@ type relay struct {
 	ep       tcpip.Endpoint
 	upstream net.Conn
 
-	// Segments reported so far, each direction written by its own copy.
+	// Packets counted at the link, and those reported so far.
+	counts                  *packetCounts
 	reportedIn, reportedOut atomic.Uint64
 
 	abortOnce sync.Once
@@ -221,11 +225,10 @@ type closeWriter interface{ CloseWrite() error }
 // failed write) resets both sides.
 func (rl *relay) run(log *zap.Logger) {
 	counter, _ := rl.upstream.(SegmentCounter)
-	stats, _ := rl.ep.Stats().(*tcp.Stats)
 
 	errc := make(chan error, 1)
 	go func() {
-		err := rl.copy(rl.upstream, rl.client, counter, stats, true)
+		err := rl.copy(rl.upstream, rl.client, counter, true)
 		if err == nil {
 			if cw, ok := rl.upstream.(closeWriter); ok {
 				err = cw.CloseWrite()
@@ -235,7 +238,7 @@ func (rl *relay) run(log *zap.Logger) {
 		}
 		errc <- err
 	}()
-	err := rl.copy(rl.client, rl.upstream, counter, stats, false)
+	err := rl.copy(rl.client, rl.upstream, counter, false)
 	if err == nil {
 		err = rl.client.CloseWrite()
 	}
@@ -249,8 +252,8 @@ func (rl *relay) run(log *zap.Logger) {
 		// the last of the data and our FIN, so that the flow's final counts
 		// include every segment.
 		rl.awaitClosed()
-		if counter != nil && stats != nil {
-			rl.reportRest(counter, stats)
+		if counter != nil {
+			rl.reportRest(counter)
 		}
 	}
 	rl.client.Close()
@@ -272,29 +275,28 @@ func (rl *relay) awaitClosed() {
 	}
 }
 
-// reportRest reports the segments sent and received since the copies
-// last reported.
-func (rl *relay) reportRest(counter SegmentCounter, stats *tcp.Stats) {
-	in, out := stats.SegmentsReceived.Value(), stats.SegmentsSent.Value()
-	counter.CountSegments(in-rl.reportedIn.Load(), out-rl.reportedOut.Load())
+// reportRest reports the packets counted since the copies last reported.
+func (rl *relay) reportRest(counter SegmentCounter) {
+	in, out := rl.counts.in.Load(), rl.counts.out.Load()
+	counter.CountSegments(in-rl.reportedIn.Swap(in), out-rl.reportedOut.Swap(out))
 }
 
 // copy moves bytes from src to dst until src's EOF (nil) or an error.
-func (rl *relay) copy(dst io.Writer, src io.Reader, counter SegmentCounter, stats *tcp.Stats, fromClient bool) error {
+func (rl *relay) copy(dst io.Writer, src io.Reader, counter SegmentCounter, fromClient bool) error {
 	bp := relayBufs.Get().(*[]byte)
 	defer relayBufs.Put(bp)
 	buf := *bp
 	report := func() {
-		if counter == nil || stats == nil {
+		if counter == nil {
 			return
 		}
 		if fromClient {
-			now := stats.SegmentsReceived.Value()
+			now := rl.counts.in.Load()
 			if d := now - rl.reportedIn.Swap(now); d > 0 {
 				counter.CountSegments(d, 0)
 			}
 		} else {
-			now := stats.SegmentsSent.Value()
+			now := rl.counts.out.Load()
 			if d := now - rl.reportedOut.Swap(now); d > 0 {
 				counter.CountSegments(0, d)
 			}
