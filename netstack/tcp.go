@@ -6,9 +6,11 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -139,7 +141,7 @@ func (f *tcpForwarder) handleRequest(r *tcp.ForwarderRequest) {
 	ep.SocketOptions().SetKeepAlive(true)
 
 	key := connKey{client: src, server: dst}
-	rl := &relay{client: gonet.NewTCPConn(&wq, ep), ep: ep, upstream: upstream,
+	rl := &relay{client: gonet.NewTCPConn(&wq, ep), ep: ep, wq: &wq, upstream: upstream,
 		counts: f.s.link.counts.register(key)}
 	defer f.s.link.counts.unregister(key)
 	if !f.track(rl) {
@@ -203,6 +205,7 @@ func (f *tcpForwarder) wait() { f.wg.Wait() }
 type relay struct {
 	client   *gonet.TCPConn
 	ep       tcpip.Endpoint
+	wq       *waiter.Queue
 	upstream net.Conn
 
 	// Packets counted at the link, and those reported so far.
@@ -228,7 +231,7 @@ func (rl *relay) run(log *zap.Logger) {
 
 	errc := make(chan error, 1)
 	go func() {
-		err := rl.copy(rl.upstream, rl.client, counter, true)
+		err := rl.copy(rl.upstream, rl.client, rl.clientReadable, counter, true)
 		if err == nil {
 			if cw, ok := rl.upstream.(closeWriter); ok {
 				err = cw.CloseWrite()
@@ -238,7 +241,7 @@ func (rl *relay) run(log *zap.Logger) {
 		}
 		errc <- err
 	}()
-	err := rl.copy(rl.client, rl.upstream, counter, false)
+	err := rl.copy(rl.client, rl.upstream, rl.upstreamReadable, counter, false)
 	if err == nil {
 		err = rl.client.CloseWrite()
 	}
@@ -282,10 +285,11 @@ func (rl *relay) reportRest(counter SegmentCounter) {
 }
 
 // copy moves bytes from src to dst until src's EOF (nil) or an error.
-func (rl *relay) copy(dst io.Writer, src io.Reader, counter SegmentCounter, fromClient bool) error {
-	bp := relayBufs.Get().(*[]byte)
-	defer relayBufs.Put(bp)
-	buf := *bp
+//
+// A buffer is taken from the pool only once src has data, and given back
+// after each write: an idle connection holds no buffer, which is what lets
+// a gateway keep tens of thousands of them open.
+func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, counter SegmentCounter, fromClient bool) error {
 	report := func() {
 		if counter == nil {
 			return
@@ -304,12 +308,20 @@ func (rl *relay) copy(dst io.Writer, src io.Reader, counter SegmentCounter, from
 	}
 	defer report()
 	for {
-		n, err := src.Read(buf)
+		if err := readable(); err != nil {
+			return err
+		}
+		bp := relayBufs.Get().(*[]byte)
+		n, err := src.Read(*bp)
 		if n > 0 {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
+			_, werr := dst.Write((*bp)[:n])
+			relayBufs.Put(bp)
+			if werr != nil {
 				return werr
 			}
 			report()
+		} else {
+			relayBufs.Put(bp)
 		}
 		if errors.Is(err, io.EOF) {
 			return nil
@@ -318,6 +330,41 @@ func (rl *relay) copy(dst io.Writer, src io.Reader, counter SegmentCounter, from
 			return err
 		}
 	}
+}
+
+// clientReadable waits until the client's side has data, an EOF or an
+// error to read.
+func (rl *relay) clientReadable() error {
+	const events = waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr
+	if rl.ep.Readiness(events) != 0 {
+		return nil
+	}
+	e, ch := waiter.NewChannelEntry(events)
+	rl.wq.EventRegister(&e)
+	defer rl.wq.EventUnregister(&e)
+	if rl.ep.Readiness(events) == 0 {
+		<-ch
+	}
+	return nil
+}
+
+// upstreamReadable waits until the upstream socket has data, an EOF or an
+// error to read, by peeking at it; connections that are not sockets are
+// simply read.
+func (rl *relay) upstreamReadable() error {
+	sc, ok := rl.upstream.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var b [1]byte
+	return rc.Read(func(fd uintptr) bool {
+		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return err != unix.EAGAIN && err != unix.EINTR
+	})
 }
 
 // abort resets both sides: the client gets a RST, and so does the
