@@ -6,7 +6,7 @@ PKGS    := ./...
 # Flags for `make run`: none, a WireGuard server as the current user.
 RUN_FLAGS ?=
 
-.PHONY: all build test bench run deps clean
+.PHONY: all build test bench bench-deps run deps clean
 
 all: build
 
@@ -20,8 +20,41 @@ test: deps
 	$(GO) vet $(PKGS)
 	$(GO) test -race -count=1 -timeout 8m $(PKGS)
 
+# The Go micro-benchmarks, then (as root on Linux) sluice against the
+# classic design it replaces, side by side in network namespaces:
+# testdata/bench/compare.sh, which prints the table and writes it into
+# BENCH.md. REPS (3) and DUR (10 s a run) set its length; about 13 minutes
+# with the defaults on 2 cores.
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -count 1 $(PKGS)
+	@status=0; \
+	$(GO) test -run '^$$' -bench . -benchmem -count 1 $(PKGS) || status=$$?; \
+	if [ "$$(id -u)" = 0 ] && [ "$$(uname -s)" = Linux ]; then \
+		$(MAKE) --no-print-directory bench-deps && testdata/bench/compare.sh || status=$$?; \
+	else \
+		echo "bench: the comparison with the classic design needs root on Linux (network namespaces); skipped"; \
+	fi; \
+	exit $$status
+
+# What the comparison uses beyond Go, from Debian's packages where missing.
+bench-deps:
+	@missing=""; \
+	command -v ip        >/dev/null || missing="$$missing iproute2"; \
+	command -v iperf3    >/dev/null || missing="$$missing iperf3"; \
+	command -v wg        >/dev/null || missing="$$missing wireguard-tools"; \
+	command -v iptables  >/dev/null || missing="$$missing iptables"; \
+	command -v conntrack >/dev/null || missing="$$missing conntrack"; \
+	command -v curl      >/dev/null || missing="$$missing curl"; \
+	command -v ping      >/dev/null || missing="$$missing iputils-ping"; \
+	command -v jq        >/dev/null || missing="$$missing jq"; \
+	command -v python3   >/dev/null || missing="$$missing python3"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		else \
+			echo "bench-deps: missing:$$missing" >&2; exit 1; \
+		fi; \
+	fi
 
 run: build
 	$(BIN) serve $(RUN_FLAGS)
