@@ -37,6 +37,7 @@ STARTED=$SECONDS
 build_all
 : >"$RAW"
 rm -f "$RESULTS/flows.json" "$RESULTS/notes.txt"
+rm -rf "$STATE/logs"
 
 # ------------------------------------------------------------------ meta
 git_dirty=$(cd "$REPO" && git status --porcelain --untracked-files=no -- cmd pkg netstack nat tunnel go.mod go.sum 2>/dev/null | wc -l)
@@ -90,7 +91,7 @@ run_pair() { # SUITE A B
   local suite=$1 r d
   for r in $(seq "$REPS"); do
     for d in $(alternate "$r" "$2" "$3"); do
-      DESIGN=$d
+      DESIGN=$d LOG_TAG=-r$r
       log "== $suite: $d, repetition $r of $REPS"
       "${d}_up"
       "$suite" "$r"
@@ -103,10 +104,10 @@ run_pair() { # SUITE A B
 rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 
 flows_scenario() {
-  DESIGN=sluice
+  DESIGN=sluice LOG_TAG=-flows
   log "== idle flows: $FLOWS TCP flows through sluice serve --egress-ports $EGRESS_PORTS"
   sluice_up --egress-ports "$EGRESS_PORTS"
-  grep -m1 'open file limit' "$STATE/sluice.log" | sed 's/^[^ \t]*[ \t]*//' >>"$RESULTS/notes.txt" || true
+  grep -m1 'open file limit' "$GW_LOG" | sed 's/^[^ \t]*[ \t]*//' >>"$RESULTS/notes.txt" || true
   sleep 1
   local rss0 rss1 rss2 open_line echo_line gwflows fds
   rss0=$(rss_kib "$GW_PID")
@@ -146,7 +147,7 @@ done
 
 topo_down
 trap - EXIT
-log "measured in $(((SECONDS - STARTED) / 60)) min $(((SECONDS - STARTED) % 60)) s"
+log "measured in $(((SECONDS - STARTED) / 60)) min $(((SECONDS - STARTED) % 60)) s; raw figures in $RESULTS, logs in $STATE/logs"
 args=()
 [ "$WRITE_BENCH_MD" = 1 ] && args=(--bench-md "$REPO/BENCH.md")
 python3 "$BENCH_DIR/report.py" --results "$RESULTS" "${args[@]}"

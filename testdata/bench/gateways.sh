@@ -30,7 +30,7 @@ start_wireguard_go() {
   local ns=$1 ifn=$2
   rm -f /var/run/wireguard/$ifn.sock
   start_in "wireguard-go-$ifn" "$ns" env LOG_LEVEL=error WG_PROCESS_FOREGROUND=1 "$BIN/wireguard-go" -f "$ifn"
-  wait_for 5 test -S /var/run/wireguard/$ifn.sock || die "wireguard-go in $ns did not start: $(cat "$STATE/wireguard-go-$ifn.log")"
+  wait_for 5 test -S /var/run/wireguard/$ifn.sock || die "wireguard-go in $ns did not start: $(cat "$START_LOG")"
 }
 
 # client_up SERVER_PUBKEY PSK_FILE ADDRESS/PREFIX: the same client for both
@@ -101,11 +101,11 @@ shutdown:
 EOF
 }
 
-# start_sluice NAME ARGS...: `sluice serve` in bg; sets GW_PID.
+# start_sluice NAME ARGS...: `sluice serve` in bg; sets GW_PID and GW_LOG.
 start_sluice() {
   local name=$1; shift
   start_in "$name" bg "$SLUICE" serve --config "$STATE/sluice.yaml" "$@"
-  GW_PID=$START_PID
+  GW_PID=$START_PID GW_LOG=$START_LOG
 }
 
 # sluice_up [EXTRA SERVE ARGS]: the WireGuard server with a fresh state, the
@@ -116,7 +116,7 @@ sluice_up() {
   start_sluice sluice --state "$st" --listen :$WG_PORT --endpoint $GW_C_IP:$WG_PORT \
     --allow $SRV_NET --egress-addr $GW_S_IP --dns-upstream $SRV_IP:53 "$@"
   wait_for 20 nsx bg "$SLUICE" peer list --state "$st" ||
-    die "sluice serve did not come up: $(tail -20 "$STATE/sluice.log")"
+    die "sluice serve did not come up: $(tail -20 "$GW_LOG")"
   conf=$(nsx bg "$SLUICE" peer add bench --public-key "$(cat "$STATE/bc.pub")" --state "$st") ||
     die "sluice peer add failed: $conf"
   printf '%s\n' "$conf" >"$STATE/sluice-bench-peer.conf"
@@ -163,7 +163,7 @@ sluice_tun_up() {
   start_sluice sluice-tun --state "$st" --tun $SLUICE_TUN_IF --mtu 1500 \
     --allow $SRV_NET --egress-addr $GW_S_IP --dns-upstream $SRV_IP:53
   wait_for 20 sh -c "ip -n bg -o link show dev $SLUICE_TUN_IF | grep -q '[<,]UP[,>]'" ||
-    die "sluice serve --tun did not bring $SLUICE_TUN_IF up: $(tail -20 "$STATE/sluice-tun.log")"
+    die "sluice serve --tun did not bring $SLUICE_TUN_IF up: $(tail -20 "$GW_LOG")"
   nsx bg sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.$SLUICE_TUN_IF.rp_filter=0
   nsx bg ip route add default dev $SLUICE_TUN_IF table $TUN_TABLE
   nsx bg ip rule add iif bg-eth0 lookup $TUN_TABLE

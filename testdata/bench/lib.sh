@@ -60,11 +60,14 @@ nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 # stop_all (the EXIT trap) ends exactly those and nothing else.
 
 # start_in NAME NS CMD...: run CMD in namespace NS in the background, in its
-# own session, output to $STATE/NAME.log; sets START_PID. `ip netns exec`
-# and setsid both exec, so the pid is CMD's own.
+# own session; sets START_PID, and START_LOG to the file that gets its
+# output, $STATE/logs/NAME$LOG_TAG.log (compare.sh tags each repetition).
+# `ip netns exec` and setsid both exec, so the pid is CMD's own.
 start_in() {
   local name=$1 ns=$2; shift 2
-  setsid ip netns exec "$ns" "$@" >"$STATE/$name.log" 2>&1 </dev/null &
+  mkdir -p "$STATE/logs"
+  START_LOG=$STATE/logs/$name${LOG_TAG:-}.log
+  setsid ip netns exec "$ns" "$@" >"$START_LOG" 2>&1 </dev/null &
   START_PID=$!
   echo "$START_PID $name" >>"$STATE/pids"
 }

@@ -39,12 +39,13 @@ topo_up() {
   printf 'hello, bench\n' >"$STATE/www/tiny"
   head -c 1048576 /dev/urandom >"$STATE/www/1m"
   rm -f "$STATE/peers.txt"
-  start_in iperf3 bs iperf3 -s
-  start_in httpsrv bs "$BIN/httpsrv" -addr :$HTTP_PORT -dir "$STATE/www" -peers "$STATE/peers.txt"
-  start_in idleflows-server bs "$BIN/idleflows" serve -addr $SRV_IP -port $FLOW_PORT -ports $FLOW_PORTS
-  wait_for 5 nsx bs bash -c "exec 3<>/dev/tcp/127.0.0.1/5201" || die "iperf3 -s did not start: $(cat "$STATE/iperf3.log")"
-  wait_for 5 nsx bs bash -c "exec 3<>/dev/tcp/127.0.0.1/$HTTP_PORT" || die "httpsrv did not start: $(cat "$STATE/httpsrv.log")"
-  wait_for 5 nsx bs bash -c "exec 3<>/dev/tcp/$SRV_IP/$FLOW_PORT" || die "idleflows serve did not start: $(cat "$STATE/idleflows-server.log")"
+  local log1 log2 log3
+  start_in iperf3 bs iperf3 -s; log1=$START_LOG
+  start_in httpsrv bs "$BIN/httpsrv" -addr :$HTTP_PORT -dir "$STATE/www" -peers "$STATE/peers.txt"; log2=$START_LOG
+  start_in idleflows-server bs "$BIN/idleflows" serve -addr $SRV_IP -port $FLOW_PORT -ports $FLOW_PORTS; log3=$START_LOG
+  wait_for 5 nsx bs bash -c "exec 3<>/dev/tcp/127.0.0.1/5201" || die "iperf3 -s did not start: $(cat "$log1")"
+  wait_for 5 nsx bs bash -c "exec 3<>/dev/tcp/127.0.0.1/$HTTP_PORT" || die "httpsrv did not start: $(cat "$log2")"
+  wait_for 5 nsx bs bash -c "exec 3<>/dev/tcp/$SRV_IP/$FLOW_PORT" || die "idleflows serve did not start: $(cat "$log3")"
   # A veth drops what it sends until the kernel has seen its carrier come
   # up; one ping each way settles ARP too.
   wait_for 5 nsx bc ping -c1 -W1 $GW_C_IP || die "bc cannot reach bg"
