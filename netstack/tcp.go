@@ -269,12 +269,14 @@ const closeWait = time.Second
 
 func (rl *relay) awaitClosed() {
 	deadline := time.Now().Add(closeWait)
-	for time.Now().Before(deadline) {
+	// Backing off keeps thousands of connections closing at once from
+	// spending the CPU on polling: most are done within a round trip.
+	for wait := time.Millisecond; time.Now().Before(deadline); wait = min(2*wait, 100*time.Millisecond) {
 		switch tcp.EndpointState(rl.ep.State()) {
 		case tcp.StateTimeWait, tcp.StateClose, tcp.StateError:
 			return
 		}
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(wait)
 	}
 }
 

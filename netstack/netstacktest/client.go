@@ -56,7 +56,9 @@ func NewClient(addrs []netip.Addr, mtu int) (*Client, error) {
 		mtu = 1420
 	}
 	c := &Client{
-		ep:     channel.New(1024, uint32(mtu), ""),
+		// A queue deep enough for a TCP window's worth of packets: a
+		// shallow one drops bursts and the test measures loss recovery.
+		ep:     channel.New(16384, uint32(mtu), ""),
 		mtu:    mtu,
 		addrs:  addrs,
 		events: make(chan tun.Event, 1),
