@@ -25,7 +25,12 @@ func (s *Stack) handleICMPv4(id stack.TransportEndpointID, pkt *stack.PacketBuff
 		s.malformed.Add(1)
 		return true
 	}
-	payload := data.AsRange().ToSlice()
+	// The payload is only lent to the handler: a view of the packet,
+	// not a copy, when it is contiguous (it nearly always is).
+	payload, ok := data.PullUp(data.Size())
+	if !ok {
+		payload = data.AsRange().ToSlice()
+	}
 	src, dst := addrFrom(id.RemoteAddress), addrFrom(id.LocalAddress)
 	if err := s.opts.Handler.HandleEcho(src, dst, h.Ident(), h.Sequence(), payload); err != nil {
 		s.refuse(quote(pkt), err, RefuseDrop)

@@ -32,7 +32,12 @@ func (s *Stack) handleUDP(id stack.TransportEndpointID, pkt *stack.PacketBuffer)
 		s.malformed.Add(1)
 		return true
 	}
-	payload := data.AsRange().ToSlice()
+	// The payload is only lent to the handler: a view of the packet,
+	// not a copy, when it is contiguous (it nearly always is).
+	payload, ok := data.PullUp(data.Size())
+	if !ok {
+		payload = data.AsRange().ToSlice()
+	}
 
 	src := addrPortFrom(id.RemoteAddress, id.RemotePort)
 	dst := addrPortFrom(id.LocalAddress, id.LocalPort)
