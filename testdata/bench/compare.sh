@@ -36,7 +36,7 @@ STARTED=$SECONDS
 
 build_all
 : >"$RAW"
-rm -f "$RESULTS/flows.json" "$RESULTS/notes.txt"
+rm -f "$RESULTS/flows.json" "$RESULTS/notes.txt" "$RESULTS/errors.txt"
 rm -rf "$STATE/logs"
 
 # ------------------------------------------------------------------ meta

@@ -140,6 +140,17 @@ cpu_end() {
   done
 }
 
+# iperf_failed TEST REP OUTPUT: record a failed iperf3 run and why.
+iperf_failed() {
+  local why
+  why=$(jq -r '.error // empty' <<<"$3" 2>/dev/null || true)
+  [ -n "$why" ] || why=$(tail -2 <<<"$3" | tr '\n' ' ')
+  log "  $DESIGN $1 rep $2: iperf3 failed: $why"
+  echo "$DESIGN $1 rep $2: iperf3 failed: $why" >>"$RESULTS/errors.txt"
+  rec "$1" "$2" error 1
+  sleep 1
+}
+
 # m_tcp TEST REP STREAMS up|down: iperf3 TCP from bc to bs (up) or bs to bc
 # (down, -R), one second of slow start left out.
 m_tcp() {
@@ -147,8 +158,7 @@ m_tcp() {
   [ "$dir" = down ] && rev=(-R)
   cpu_begin
   if ! j=$(nsx bc iperf3 -c $SRV_IP -t "$DUR" -O 1 -P "$P" "${rev[@]}" --json 2>&1); then
-    log "  $DESIGN $test rep $r: iperf3 failed: $(jq -r '.error // empty' <<<"$j" 2>/dev/null || tail -2 <<<"$j")"
-    rec "$test" "$r" error 1; sleep 1; return 0
+    iperf_failed "$test" "$r" "$j"; return 0
   fi
   cpu_end "$test" "$r"
   rec "$test" "$r" gbps "$(jq '.end.sum_received.bits_per_second/1e9' <<<"$j")"
@@ -162,8 +172,7 @@ m_udp() {
   local test=$1 r=$2 B=$3 j
   cpu_begin
   if ! j=$(nsx bc iperf3 -c $SRV_IP -u -b "$B" -l "$UDP_LEN" -t "$DUR" --json 2>&1); then
-    log "  $DESIGN $test rep $r: iperf3 failed: $(jq -r '.error // empty' <<<"$j" 2>/dev/null || tail -2 <<<"$j")"
-    rec "$test" "$r" error 1; sleep 1; return 0
+    iperf_failed "$test" "$r" "$j"; return 0
   fi
   cpu_end "$test" "$r"
   # iperf3 3.12 has sum_sent/sum_received for UDP; older ones only sum.
@@ -200,6 +209,9 @@ m_conn() {
   for m in conn_per_s p50_ms p99_ms connect_p50_ms connect_p99_ms errors; do
     rec "$test" "$r" "$m" "$(jq ".$m" <<<"$j")"
   done
+  # What went wrong, in words, for the report.
+  jq -r --arg k "$DESIGN $test rep $r" 'select(.first_error) | "\($k): \(.errors) of \(.n) failed, the first with: \(.first_error)"' \
+    <<<"$j" >>"$RESULTS/errors.txt"
   log "  $DESIGN $test rep $r: $j"
   sleep 1
 }

@@ -64,7 +64,9 @@ def load(results):
     flows = json.load(open(fpath)) if os.path.exists(fpath) else None
     npath = os.path.join(results, "notes.txt")
     notes = open(npath).read().strip() if os.path.exists(npath) else ""
-    return raw, meta, flows, notes
+    epath = os.path.join(results, "errors.txt")
+    errors = [l for l in open(epath).read().splitlines() if l.strip()] if os.path.exists(epath) else []
+    return raw, meta, flows, notes, errors
 
 
 def fmt(x):
@@ -132,6 +134,10 @@ class Report:
         return self.per_rep(design, test, one)
 
 
+def fmt_ratio(r):
+    return "—" if r is None else f"{r:.3f}" if r < 0.1 else f"{r:.2f}"
+
+
 def ratio(a, b):
     if a is None or b is None or b == 0:
         return None
@@ -172,7 +178,7 @@ def wireguard_table(rep, out):
         if base is None and new is None:
             continue
         r = ratio(new, base)
-        shown = fmt(r) if r is not None else "—"
+        shown = fmt_ratio(r)
         if metric in ("loss_pct", "errors"):
             shown = "—"  # a ratio of small counts says nothing; the target compares the values
         out.append(f"| {label} | {rep.cell('classic', test, metric)} | {rep.cell('sluice', test, metric)} | "
@@ -181,7 +187,7 @@ def wireguard_table(rep, out):
 
 def cpu_table(rep, out, base_design, base_name, new_design, tests, gw_base):
     client = any(k[2] == "cpu_client_pct" and k[0] == new_design for k in rep.raw)
-    out.append(f"| test | machine CPU s/GB, {base_name} | machine CPU s/GB, sluice | ratio | "
+    out.append(f"| test | machine CPU s/GB, {base_name} | machine CPU s/GB, sluice | sluice ÷ {base_name} | "
                f"gateway process CPU s/GB, {base_name} | gateway process CPU s/GB, sluice | "
                f"gateway process, % of one core ({base_name} / sluice) |"
                + (f" client wireguard-go, % of one core ({base_name} / sluice) |" if client else ""))
@@ -195,7 +201,7 @@ def cpu_table(rep, out, base_design, base_name, new_design, tests, gw_base):
         pb = rep.med(base_design, test, "cpu_gw_pct") if gw_base else None
         pn = rep.med(new_design, test, "cpu_gw_pct")
         r = ratio(mn, mb)
-        row = (f"| {label} | {fmt(mb)} | {fmt(mn)} | {fmt(r) if r is not None else '—'} | "
+        row = (f"| {label} | {fmt(mb)} | {fmt(mn)} | {fmt_ratio(r)} | "
                f"{fmt(gb) if gw_base else 'kernel (in machine)'} | {fmt(gn)} | "
                f"{fmt(pb) if gw_base else '—'} / {fmt(pn)} |")
         if client:
@@ -217,7 +223,7 @@ def tun_table(rep, out):
             continue
         r = ratio(new, base)
         out.append(f"| {label} (Gbit/s) | {rep.cell('kfwd', test, 'gbps')} | {rep.cell('sluice_tun', test, 'gbps')} | "
-                   f"{fmt(r) if r is not None else '—'} | ≥ 0.6 | {verdict(('>=', 0.6), r, base, new)} |")
+                   f"{fmt_ratio(r)} | ≥ 0.6 | {verdict(('>=', 0.6), r, base, new)} |")
     return tests
 
 
@@ -246,7 +252,7 @@ def flows_table(flows, out):
             out.append(f"| first {k} error | `{v['first_error']}` |")
 
 
-def render(raw, meta, flows, notes):
+def render(raw, meta, flows, notes, errors):
     rep = Report(raw, meta)
     m = meta
     out = [SECTION, ""]
@@ -276,12 +282,19 @@ def render(raw, meta, flows, notes):
     out.append("")
     out.append("### WireGuard: sluice serve against wireguard-go + iptables MASQUERADE")
     out.append("")
+    if not any(d in ("classic", "sluice") for (d, _, _) in raw):
+        out.append("Not run.")
     wireguard_table(rep, out)
     errs = [(d, t) for (d, t, mm) in raw if mm == "error"]
     if errs:
         out.append("")
         out.append("Runs that failed and are left out: " + ", ".join(
             f"{d} {t} ×{rep.errors(d, t)}" for d, t in sorted(set(errs))) + ".")
+    if errors:
+        out.append("")
+        out.append("Failures seen:")
+        out.append("")
+        out.extend(f"- {e}" for e in errors)
     out.append("")
     out.append("CPU seconds per gigabyte received. *Machine* is every core's busy time (user, system, "
                "softirq) over the run, client, server and iperf3 included: the only figure that "
@@ -296,9 +309,12 @@ def render(raw, meta, flows, notes):
                "`sluice serve --tun` (MTU 1500, as the veths), with policy routing in bg sending "
                "everything that arrives from bc into the TUN (as `cmd/sluice/serve_tun_test.go` does).")
     out.append("")
-    tests = tun_table(rep, out)
-    out.append("")
-    cpu_table(rep, out, "kfwd", "kernel", "sluice_tun", tests, False)
+    if any(d in ("kfwd", "sluice_tun") for (d, _, _) in raw):
+        tests = tun_table(rep, out)
+        out.append("")
+        cpu_table(rep, out, "kfwd", "kernel", "sluice_tun", tests, False)
+    else:
+        out.append("Not run.")
     out.append("")
     out.append("### Idle flows: sluice's memory per flow")
     out.append("")
@@ -349,8 +365,8 @@ def main():
     ap.add_argument("--results", default=os.environ.get("RESULTS", "/tmp/sluice-bench/results"))
     ap.add_argument("--bench-md", help="BENCH.md to update")
     a = ap.parse_args()
-    raw, meta, flows, notes = load(a.results)
-    text = render(raw, meta, flows, notes)
+    raw, meta, flows, notes, errors = load(a.results)
+    text = render(raw, meta, flows, notes, errors)
     print(text)
     if a.bench_md:
         replace_section(a.bench_md, text)
