@@ -57,6 +57,7 @@ jq -n \
   --arg reps "$REPS" --arg dur "$DUR" --arg udp_len "$UDP_LEN" --arg udp_rate2 "$UDP_RATE2" \
   --arg conn_n "$CONN_N" --arg conn_par "$CONN_PAR" --arg flows "$FLOWS" \
   --arg egress_ports "$EGRESS_PORTS" --arg tun_tests "$TUN_TESTS" \
+  --arg load_start "$(cut -d' ' -f1-3 /proc/loadavg)" \
   '$ARGS.named' >"$RESULTS/meta.json"
 
 topo_up
@@ -147,6 +148,10 @@ done
 
 topo_down
 trap - EXIT
+# Other work on the machine shows here: the bench alone keeps about 1.5 of
+# 2 cores busy.
+jq --arg l "$(cut -d' ' -f1-3 /proc/loadavg)" '.load_end = $l' "$RESULTS/meta.json" >"$RESULTS/meta.json.new" &&
+  mv "$RESULTS/meta.json.new" "$RESULTS/meta.json"
 log "measured in $(((SECONDS - STARTED) / 60)) min $(((SECONDS - STARTED) % 60)) s; raw figures in $RESULTS, logs in $STATE/logs"
 args=()
 [ "$WRITE_BENCH_MD" = 1 ] && args=(--bench-md "$REPO/BENCH.md")

@@ -267,7 +267,9 @@ def render(raw, meta, flows, notes, errors):
         "from the same run. Client, gateway and server share the machine's cores.")
     out.append("")
     out.append(f"- Machine: {m['nproc']} cores ({m['cpu']}), {m['mem']}, kernel {m['kernel']}, "
-               f"open files hard limit {m['nofile']}.")
+               f"open files hard limit {m['nofile']}. Load average (1, 5, 15 min) at the start "
+               f"{m.get('load_start', '?')}, at the end {m.get('load_end', '?')}: other work on the "
+               "machine during the run widens the ranges.")
     dirty = int(m["dirty"])
     out.append(f"- Date: {m['date']}. sluice built from commit {m['commit']}"
                + (f" with {dirty} uncommitted file(s) in the tree (other work in progress)" if dirty else "")
