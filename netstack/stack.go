@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/time/rate"
@@ -175,6 +176,11 @@ func (s *Stack) configure() error {
 		ptr(tcpip.TCPSACKEnabled(true)),
 		ptr(tcpip.TCPModerateReceiveBufferOption(true)),
 		ptr(tcpip.CongestionControlOption("cubic")),
+		// gVisor hands a new SYN that meets a TIME_WAIT endpoint only to a
+		// listener, and the gateway has none: a client that reuses its
+		// port within TIME_WAIT would hang. A second covers old duplicates
+		// on a tunnel whose round trips are milliseconds.
+		ptr(tcpip.TCPTimeWaitTimeoutOption(time.Second)),
 		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
 		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
 	} {

@@ -506,3 +506,45 @@ func readOne(t *testing.T, d tun.Device) []byte {
 	}
 	return nil
 }
+
+// TestTCPClientReusesItsPort closes connections from the server's side,
+// which leaves the gateway's end in TIME_WAIT, and reconnects from the
+// same client port: gVisor hands such a SYN only to a listener, so the
+// gateway keeps TIME_WAIT short enough for clients that cycle their ports.
+func TestTCPClientReusesItsPort(t *testing.T) {
+	f := newFixture(t, nil)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("bye"))
+			c.Close() // the server closes first
+		}
+	}()
+	local := netip.AddrPortFrom(clientV4, 40404)
+	remote := netip.MustParseAddrPort(ln.Addr().String())
+	for i := range 2 {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		c, err := f.client.DialTCPFrom(ctx, local, remote)
+		cancel()
+		if err != nil {
+			t.Fatalf("connection %d from %v: %v", i, local, err)
+		}
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		got, err := io.ReadAll(c)
+		c.Close()
+		if err != nil || string(got) != "bye" {
+			t.Fatalf("connection %d: %q %v", i, got, err)
+		}
+		// The client's own side needs no TIME_WAIT (it closed second);
+		// give the gateway's TIME_WAIT its second.
+		time.Sleep(1500 * time.Millisecond)
+	}
+}

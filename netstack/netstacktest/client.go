@@ -200,6 +200,14 @@ func (c *Client) DialContext(ctx context.Context, network, address string) (net.
 	return nil, fmt.Errorf("netstacktest: dial: unknown network %q", network)
 }
 
+// DialTCPFrom connects from a chosen local address and port, as a client
+// that reuses its port does.
+func (c *Client) DialTCPFrom(ctx context.Context, local, remote netip.AddrPort) (net.Conn, error) {
+	la, _ := fullAddr(local)
+	ra, proto := fullAddr(remote)
+	return gonet.DialTCPWithBind(ctx, c.stack, la, ra, proto)
+}
+
 // ListenTCP listens on the client's address and port addr.
 func (c *Client) ListenTCP(addr netip.AddrPort) (net.Listener, error) {
 	fa, proto := fullAddr(addr)
