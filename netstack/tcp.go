@@ -143,8 +143,8 @@ func (f *tcpForwarder) handleRequest(r *tcp.ForwarderRequest) {
 	key := connKey{client: src, server: dst}
 	rl := &relay{client: gonet.NewTCPConn(&wq, ep), ep: ep, wq: &wq, upstream: upstream,
 		counts: f.s.link.counts.register(key)}
-	defer f.s.link.counts.unregister(key)
 	if !f.track(rl) {
+		f.s.link.counts.unregister(key)
 		f.forget(id)
 		rl.abort()
 		return
@@ -154,9 +154,14 @@ func (f *tcpForwarder) handleRequest(r *tcp.ForwarderRequest) {
 	delete(f.syns, id)
 	f.mu.Unlock()
 
-	rl.run(f.s.log)
-	f.untrack(rl)
-	f.wg.Done()
+	// The relay gets goroutines of its own: this one's stack grew deep in
+	// the dial and the handshake, and an idle relay should not keep it.
+	go func() {
+		rl.run(f.s.log)
+		f.s.link.counts.unregister(key)
+		f.untrack(rl)
+		f.wg.Done()
+	}()
 }
 
 func (f *tcpForwarder) track(rl *relay) bool {
