@@ -40,7 +40,9 @@ rm -f "$RESULTS/flows.json" "$RESULTS/notes.txt" "$RESULTS/errors.txt"
 rm -rf "$STATE/logs"
 
 # ------------------------------------------------------------------ meta
-git_dirty=$(cd "$REPO" && git status --porcelain --untracked-files=no -- cmd pkg netstack nat tunnel go.mod go.sum 2>/dev/null | wc -l)
+# The binary is built from the work tree: count what differs from HEAD
+# there, new files included, so that the report says so.
+git_dirty=$(cd "$REPO" && git status --porcelain -- cmd pkg netstack nat tunnel go.mod go.sum 2>/dev/null | wc -l)
 jq -n \
   --arg date "$(date -u '+%Y-%m-%d %H:%M UTC')" \
   --arg nproc "$(nproc)" \

@@ -272,7 +272,8 @@ def render(raw, meta, flows, notes, errors):
                "machine during the run widens the ranges.")
     dirty = int(m["dirty"])
     out.append(f"- Date: {m['date']}. sluice built from commit {m['commit']}"
-               + (f" with {dirty} uncommitted file(s) in the tree (other work in progress)" if dirty else "")
+               + (f" plus {dirty} changed or new file(s) in the work tree under cmd, pkg, netstack, nat "
+                  "and tunnel (other work in progress)" if dirty else "")
                + f"; {m['go']}; wireguard-go {m['wggo']} (built from go.mod's version); "
                f"iperf3 {m['iperf3']}; {m['iptables']}.")
     out.append(f"- Command: `REPS={m['reps']} DUR={m['dur']} make bench` (as root), which runs "
