@@ -135,7 +135,9 @@ class Report:
 
 
 def fmt_ratio(r):
-    return "—" if r is None else f"{r:.3f}" if r < 0.1 else f"{r:.2f}"
+    if r is None:
+        return "—"
+    return f"{r:.3f}" if r < 0.1 else f"{r:.2f}" if r < 10 else f"{r:.1f}"
 
 
 def ratio(a, b):
