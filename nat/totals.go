@@ -60,3 +60,6 @@ func (t *Table) PeerTotals() map[string]Totals {
 	}
 	return out
 }
+
+// MaxFlows is the most flows the table holds at once.
+func (t *Table) MaxFlows() int { return int(t.maxFlows) }

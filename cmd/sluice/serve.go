@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -236,12 +237,12 @@ func parseRules(flag string, in []string) ([]nat.Rule, error) {
 	return out, nil
 }
 
+// splitHostPort is net.SplitHostPort that also wants the port.
 func splitHostPort(s string) (host, port string, err error) {
-	i := strings.LastIndex(s, ":")
-	if i < 0 {
+	host, port, err = net.SplitHostPort(s)
+	if err != nil {
 		return "", "", errors.New("want HOST:PORT")
 	}
-	host, port = strings.Trim(s[:i], "[]"), s[i+1:]
 	if port == "" {
 		return "", "", errors.New("the port is missing")
 	}

@@ -104,15 +104,8 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.malformed, st.Stack.Malformed)
 	counter(c.packets, st.Stack.PacketsIn, "in")
 	counter(c.packets, st.Stack.PacketsOut, "out")
-	gauge(c.tableMax, float64(s.tableMax()))
+	gauge(c.tableMax, float64(s.table.MaxFlows()))
 	counter(c.dnsQueries, st.DNS.Answered, "answered")
 	counter(c.dnsQueries, st.DNS.Failed, "failed")
 	counter(c.dnsQueries, st.DNS.Dropped, "dropped")
-}
-
-func (s *Server) tableMax() int {
-	if s.opts.Table.MaxFlows > 0 {
-		return s.opts.Table.MaxFlows
-	}
-	return 65536
 }

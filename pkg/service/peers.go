@@ -44,15 +44,31 @@ func addPeerToState(st *state.State, r PeerRequest) (NewPeer, error) {
 	if err != nil {
 		return NewPeer{}, err
 	}
+	return addToState(st, req, priv, r.Endpoint)
+}
+
+// addToState adds the peer req describes to st and returns it with its
+// client configuration; priv is its private key, zero if it keeps its own.
+func addToState(st *state.State, req admin.AddPeerRequest, priv wireguard.Key, endpoint string) (NewPeer, error) {
 	p, err := st.AddPeer(state.Peer{Name: req.Name, PublicKey: req.PublicKey, PresharedKey: req.PresharedKey})
 	if err != nil {
-		return NewPeer{}, fmt.Errorf("%w: %v", admin.ErrInvalid, err)
+		// The same words whether the gateway runs or not.
+		return NewPeer{}, classify(err)
 	}
 	info, err := serverInfo(st, 0)
 	if err != nil {
 		return NewPeer{}, err
 	}
-	return newPeer(admin.AddPeerResponse{Peer: peerInfo(p), Server: info}, req.PresharedKey, priv, r.Endpoint)
+	return newPeer(admin.AddPeerResponse{Peer: peerInfo(p), Server: info}, req.PresharedKey, priv, endpoint)
+}
+
+// addVia adds the peer req describes through a running gateway's API.
+func addVia(ctx context.Context, c *admin.Client, req admin.AddPeerRequest, priv wireguard.Key, endpoint string) (NewPeer, error) {
+	resp, err := c.AddPeer(ctx, req)
+	if err != nil {
+		return NewPeer{}, err
+	}
+	return newPeer(resp, req.PresharedKey, priv, endpoint)
 }
 
 // keys makes the request that goes to the gateway: the public key and a
@@ -209,23 +225,12 @@ func AddPeer(ctx context.Context, dir string, r PeerRequest) (NewPeer, error) {
 	}
 	var np NewPeer
 	err = withGateway(ctx, dir,
-		func(c *admin.Client) error {
-			resp, err := c.AddPeer(ctx, req)
-			if err == nil {
-				np, err = newPeer(resp, req.PresharedKey, priv, r.Endpoint)
-			}
+		func(c *admin.Client) (err error) {
+			np, err = addVia(ctx, c, req, priv, r.Endpoint)
 			return err
 		},
-		func(st *state.State) (bool, error) {
-			p, err := st.AddPeer(state.Peer{Name: req.Name, PublicKey: req.PublicKey, PresharedKey: req.PresharedKey})
-			if err != nil {
-				return false, err
-			}
-			info, err := serverInfo(st, 0)
-			if err != nil {
-				return false, err
-			}
-			np, err = newPeer(admin.AddPeerResponse{Peer: peerInfo(p), Server: info}, req.PresharedKey, priv, r.Endpoint)
+		func(st *state.State) (save bool, err error) {
+			np, err = addToState(st, req, priv, r.Endpoint)
 			return true, err
 		})
 	return np, err
@@ -237,11 +242,7 @@ func AddPeerVia(ctx context.Context, c *admin.Client, r PeerRequest) (NewPeer, e
 	if err != nil {
 		return NewPeer{}, err
 	}
-	resp, err := c.AddPeer(ctx, req)
-	if err != nil {
-		return NewPeer{}, err
-	}
-	return newPeer(resp, req.PresharedKey, priv, r.Endpoint)
+	return addVia(ctx, c, req, priv, r.Endpoint)
 }
 
 // RemovePeer removes a peer from the gateway whose state is in dir, like
