@@ -39,9 +39,11 @@ func (pc *packetCounters) unregister(k connKey) {
 	}
 }
 
-// count adds one TCP packet, given its IP header and on, to the
-// connection it belongs to; fromClient tells which way it goes.
-func (pc *packetCounters) count(b []byte, fromClient bool) {
+// count adds segs TCP packets, given the first one's IP header and on, to
+// the connection they belong to; fromClient tells which way they go. segs
+// is more than one for a segment that the kernel cuts or has merged
+// (virtio GSO).
+func (pc *packetCounters) count(b []byte, fromClient bool, segs uint64) {
 	if pc.n.Load() == 0 || len(b) < 1 {
 		return
 	}
@@ -76,8 +78,8 @@ func (pc *packetCounters) count(b []byte, fromClient bool) {
 		return
 	}
 	if fromClient {
-		v.(*packetCounts).in.Add(1)
+		v.(*packetCounts).in.Add(segs)
 	} else {
-		v.(*packetCounts).out.Add(1)
+		v.(*packetCounts).out.Add(segs)
 	}
 }

@@ -53,6 +53,15 @@ type Options struct {
 	// authenticated every packet, as WireGuard does.
 	TrustChecksums bool
 
+	// VirtioNetHdr puts a virtio_net_hdr (VirtioNetHdrLen bytes, as
+	// linux/virtio_net.h defines it) in front of every packet that Read
+	// returns and Write takes, as a Linux TUN device opened with
+	// IFF_VNET_HDR and TCP segmentation offload does. TCP segments then
+	// cross whole, up to 64 KiB each way: the kernel merges what it sends
+	// and cuts what it receives, and Read's buffers must hold 64 KiB plus
+	// the header. Checksums the header does not vouch for are verified.
+	VirtioNetHdr bool
+
 	// Logger receives the stack's logs; nil means none.
 	Logger *zap.Logger
 }
@@ -131,7 +140,7 @@ func New(opts Options) (*Stack, error) {
 	s := &Stack{
 		opts:      opts,
 		log:       opts.Logger,
-		link:      newLink(opts.MTU, opts.QueueLen, opts.TrustChecksums),
+		link:      newLink(opts.MTU, opts.QueueLen, opts.TrustChecksums, opts.VirtioNetHdr),
 		events:    make(chan tun.Event, 1),
 		icmpLimit: rate.NewLimiter(rate.Limit(opts.ICMPErrorRate), max(opts.ICMPErrorRate/10, 1)),
 	}
@@ -218,15 +227,32 @@ func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 			continue
 		}
 		b := buf[offset:]
+		var vh virtioHdr
+		if s.opts.VirtioNetHdr {
+			if len(b) < VirtioNetHdrLen {
+				s.malformed.Add(1)
+				continue
+			}
+			vh.decode(b)
+			b = b[VirtioNetHdrLen:]
+		}
 		pi, ok := inspect(b)
 		if !ok {
 			s.malformed.Add(1)
 			continue
 		}
-		s.packetsIn.Add(1)
 		b = b[:ipLen(b, pi)]
+		segs := uint64(1)
+		if s.opts.VirtioNetHdr {
+			if !checkVirtio(&vh, b, pi) {
+				s.malformed.Add(1)
+				continue
+			}
+			segs = gsoSegments(&vh, len(b))
+		}
+		s.packetsIn.Add(1)
 		if pi.version == 4 {
-			s.link.deliver(in, header.IPv4ProtocolNumber, b)
+			s.link.deliver(in, header.IPv4ProtocolNumber, b, segs)
 			continue
 		}
 		// gVisor answers IPv6 pings for any address it accepts; the
@@ -235,7 +261,7 @@ func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 		if pi.proto != protoTCP && pi.proto != protoUDP && s.interceptICMPv6(b, pi) {
 			continue
 		}
-		s.link.deliver(in, header.IPv6ProtocolNumber, b)
+		s.link.deliver(in, header.IPv6ProtocolNumber, b, segs)
 	}
 	return len(bufs), nil
 }

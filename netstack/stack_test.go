@@ -137,7 +137,11 @@ func newFixture(t *testing.T, mod func(*Options, *dialHandler)) *fixture {
 		t.Fatal(err)
 	}
 	h.s = s
-	client, err := netstacktest.NewClient([]netip.Addr{clientV4, clientV6}, 1420)
+	newClient := netstacktest.NewClient
+	if opts.VirtioNetHdr {
+		newClient = netstacktest.NewVirtioClient
+	}
+	client, err := newClient([]netip.Addr{clientV4, clientV6}, 1420)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -351,10 +351,10 @@ func serveTUN(cmd *cobra.Command, f serveFlags, conf *config.Config, log *zap.Lo
 		if file == nil {
 			return fmt.Errorf("--tun-fd %d: not an open file descriptor", conf.TUN.FD)
 		}
-		if opts.Device, err = kerneltun.Open(kerneltun.Options{File: file, MTU: conf.MTU, Logger: log}); err != nil {
+		if opts.Device, err = kerneltun.Open(kerneltun.Options{File: file, MTU: conf.MTU, VirtioNetHdr: true, Logger: log}); err != nil {
 			return fmt.Errorf("--tun-fd %d: %w", conf.TUN.FD, err)
 		}
-	} else if opts.Device, err = kerneltun.Open(kerneltun.Options{Name: conf.TUN.Name, MTU: conf.MTU, Logger: log}); err != nil {
+	} else if opts.Device, err = kerneltun.Open(kerneltun.Options{Name: conf.TUN.Name, MTU: conf.MTU, VirtioNetHdr: true, Logger: log}); err != nil {
 		return fmt.Errorf("--tun %q: %w", conf.TUN.Name, err)
 	}
 	raiseFileLimit(log)

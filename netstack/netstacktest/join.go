@@ -22,7 +22,7 @@ func copyPackets(dst, src tun.Device, wg *sync.WaitGroup) {
 	bufs := make([][]byte, max(src.BatchSize(), 1))
 	sizes := make([]int, len(bufs))
 	for i := range bufs {
-		bufs[i] = make([]byte, 65535)
+		bufs[i] = make([]byte, 65535+16) // the largest packet behind a virtio header
 	}
 	out := make([][]byte, len(bufs))
 	for {

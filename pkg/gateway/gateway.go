@@ -39,7 +39,10 @@ import (
 type Options struct {
 	// Device is a packet source: every packet read from it is a client's
 	// IP packet, and the answers are written back to it. The server owns
-	// it from New on and closes it on Close.
+	// it from New on and closes it on Close. A Device with a method
+	// VirtioNetHdr() bool that returns true (a kerneltun.Device opened
+	// with VirtioNetHdr) exchanges packets behind virtio_net_hdrs, with
+	// TCP segmentation offload.
 	Device tun.Device
 
 	// WireGuard makes the server a WireGuard endpoint whose peers are the
@@ -177,6 +180,7 @@ func New(opts Options) (srv *Server, err error) {
 		// WireGuard authenticates every packet: a checksum could only be
 		// wrong if the peer made it so, for its own flows.
 		TrustChecksums: opts.WireGuard != nil,
+		VirtioNetHdr:   hasVirtioNetHdr(opts.Device),
 		Logger:         log.Named("netstack"),
 	})
 	if err != nil {
@@ -424,4 +428,10 @@ func (s *Server) logLimit(err error) {
 	}
 	s.limitLogs.Store(0)
 	s.log.Warn("flows refused by a limit", zap.Error(err), zap.Uint64("refused_since_last_line", n))
+}
+
+// hasVirtioNetHdr tells whether dev's packets carry virtio_net_hdrs.
+func hasVirtioNetHdr(dev tun.Device) bool {
+	v, ok := dev.(interface{ VirtioNetHdr() bool })
+	return ok && v.VirtioNetHdr()
 }

@@ -7,6 +7,8 @@ import (
 
 	"go.uber.org/zap"
 	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/sluice-vpn/sluice/netstack"
 )
 
 // pumpOffset is the headroom left in front of each packet, for devices
@@ -20,7 +22,8 @@ func (s *Server) pump(name string, dst, src tun.Device) {
 	bufs := make([][]byte, batch)
 	sizes := make([]int, batch)
 	for i := range bufs {
-		bufs[i] = make([]byte, pumpOffset+65535)
+		// Room for the largest IP packet behind a virtio header.
+		bufs[i] = make([]byte, pumpOffset+netstack.VirtioNetHdrLen+65535)
 	}
 	out := make([][]byte, batch)
 	var lastLog time.Time

@@ -32,6 +32,8 @@ type Device struct {
 	name   string
 	mtu    int
 	events chan tun.Event
+	// virtio is set when every packet carries a virtio_net_hdr.
+	virtio bool
 
 	dropped   atomic.Uint64
 	closed    atomic.Bool
@@ -63,11 +65,15 @@ func Open(opts Options) (*Device, error) {
 		return nil, err
 	}
 	d.events <- tun.EventUp
-	d.log.Info("opened", zap.String("name", d.name), zap.Int("mtu", d.mtu), zap.Bool("handed", d.handed != nil))
+	d.log.Info("opened", zap.String("name", d.name), zap.Int("mtu", d.mtu), zap.Bool("handed", d.handed != nil),
+		zap.Bool("offload", d.virtio))
 	return d, nil
 }
 
 func create(opts Options) (*Device, error) {
+	if opts.VirtioNetHdr {
+		return createVirtio(opts)
+	}
 	ifce, err := water.New(water.Config{
 		DeviceType:             water.TUN,
 		PlatformSpecificParams: water.PlatformSpecificParams{Name: opts.Name},
@@ -88,6 +94,51 @@ func create(opts Options) (*Device, error) {
 		return nil, fmt.Errorf("kerneltun: create %s: %w", d.name, err)
 	}
 	return d, nil
+}
+
+// createVirtio creates the interface with IFF_VNET_HDR, which water cannot
+// ask for, and turns on TCP segmentation offload.
+func createVirtio(opts Options) (*Device, error) {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("kerneltun: create %q: %w", opts.Name, os.NewSyscallError("open /dev/net/tun", err))
+	}
+	ifr, err := unix.NewIfreq(opts.Name)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("kerneltun: create %q: %w", opts.Name, err)
+	}
+	ifr.SetUint16(unix.IFF_TUN | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("kerneltun: create %q: %w", opts.Name, os.NewSyscallError("ioctl TUNSETIFF", err))
+	}
+	if err := enableOffload(fd); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("kerneltun: create %s: %w", ifr.Name(), err)
+	}
+	// os.NewFile puts a non-blocking descriptor under the runtime poller.
+	file := os.NewFile(uintptr(fd), "/dev/net/tun")
+	d := &Device{log: opts.Logger, file: file, name: ifr.Name(), mtu: opts.MTU, events: make(chan tun.Event, 1), virtio: true}
+	if err := d.setup(opts.MTU); err != nil {
+		d.release()
+		return nil, fmt.Errorf("kerneltun: create %s: %w", d.name, err)
+	}
+	return d, nil
+}
+
+// enableOffload sets the header size the device uses (another holder may
+// have changed it) and lets the kernel hand over TCP segments whole and
+// with their checksums unfinished. UDP segmentation offload stays off: the
+// stack takes datagrams one at a time.
+func enableOffload(fd int) error {
+	if err := unix.IoctlSetPointerInt(fd, unix.TUNSETVNETHDRSZ, VirtioNetHdrLen); err != nil {
+		return os.NewSyscallError("ioctl TUNSETVNETHDRSZ", err)
+	}
+	if err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, unix.TUN_F_CSUM|unix.TUN_F_TSO4|unix.TUN_F_TSO6); err != nil {
+		return os.NewSyscallError("ioctl TUNSETOFFLOAD", err)
+	}
+	return nil
 }
 
 // setup finishes an interface that Open created: close-on-exec (water does
@@ -127,11 +178,19 @@ func adopt(opts Options) (*Device, error) {
 		return nil, fmt.Errorf("kerneltun: Options.File: %w", err)
 	}
 	name, flags, err := tunInfo(dup)
+	virtio := false
 	switch {
 	case err == nil:
-		if err := checkFlags(flags); err != nil {
+		if err := checkFlags(flags, opts.VirtioNetHdr); err != nil {
 			unix.Close(dup)
 			return nil, fmt.Errorf("kerneltun: Options.File %s: %w", name, err)
+		}
+		if flags&unix.IFF_VNET_HDR != 0 {
+			if err := enableOffload(dup); err != nil {
+				unix.Close(dup)
+				return nil, fmt.Errorf("kerneltun: Options.File %s: %w", name, err)
+			}
+			virtio = true
 		}
 	case errors.Is(err, unix.EPERM), errors.Is(err, unix.EACCES), errors.Is(err, unix.ENOSYS):
 		// A sandbox may filter the ioctl; the descriptor can still work.
@@ -151,6 +210,7 @@ func adopt(opts Options) (*Device, error) {
 		name:   name,
 		mtu:    opts.MTU,
 		events: make(chan tun.Event, 1),
+		virtio: virtio,
 	}
 	if name != "" {
 		d.adoptControl()
@@ -158,15 +218,16 @@ func adopt(opts Options) (*Device, error) {
 	return d, nil
 }
 
-// checkFlags refuses interfaces whose packets would not be plain IP. It
-// cannot check IFF_NO_PI: TUNGETIFF reports the read-only IFF_NOFILTER in
-// the same bit (0x1000) whenever no socket filter is attached.
-func checkFlags(flags uint16) error {
+// checkFlags refuses interfaces whose packets would not be IP, or would
+// carry a virtio header the caller did not ask for. It cannot check
+// IFF_NO_PI: TUNGETIFF reports the read-only IFF_NOFILTER in the same bit
+// (0x1000) whenever no socket filter is attached.
+func checkFlags(flags uint16, virtio bool) error {
 	switch {
 	case flags&(unix.IFF_TUN|unix.IFF_TAP) != unix.IFF_TUN:
 		return errors.New("not a TUN (IFF_TUN) interface")
-	case flags&unix.IFF_VNET_HDR != 0:
-		return errors.New("packets carry a virtio-net header (IFF_VNET_HDR set)")
+	case flags&unix.IFF_VNET_HDR != 0 && !virtio:
+		return errors.New("packets carry a virtio-net header (IFF_VNET_HDR set) and Options.VirtioNetHdr is not set")
 	}
 	return nil
 }
@@ -212,9 +273,14 @@ func (d *Device) adoptControl() {
 // mode, after which Close can no longer interrupt a pending Read.
 func (d *Device) File() *os.File { return d.file }
 
-// BatchSize returns 1: a TUN descriptor without a virtio header yields one
-// packet per read.
+// BatchSize returns 1: a TUN descriptor yields one packet per read (with
+// a virtio header, that packet may be a 64 KiB TCP segment).
 func (d *Device) BatchSize() int { return 1 }
+
+// VirtioNetHdr reports whether every packet that Read returns and Write
+// takes begins with a VirtioNetHdrLen-byte virtio_net_hdr; see
+// Options.VirtioNetHdr.
+func (d *Device) VirtioNetHdr() bool { return d.virtio }
 
 // Events returns a channel that delivers tun.EventUp once and is closed by
 // Close. MTU changes are not reported; MTU reads the current value.
@@ -265,8 +331,9 @@ func (d *Device) MTU() (int, error) {
 	return mtu, nil
 }
 
-// Read reads one packet into bufs[0][offset:] and sets sizes[0]. It blocks
-// until a packet arrives or the device is closed, then returns os.ErrClosed.
+// Read reads one packet, behind its virtio header if the device has them,
+// into bufs[0][offset:] and sets sizes[0]. It blocks until a packet arrives
+// or the device is closed, then returns os.ErrClosed.
 // A packet larger than the buffer is lost and reported as an error.
 func (d *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	if len(bufs) == 0 || len(sizes) == 0 {
@@ -286,7 +353,11 @@ func (d *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	// The kernel silently cuts a packet to the buffer; only the IP header
 	// still tells how long it was.
 	if n >= len(buf) {
-		if full := ipLength(buf[:min(n, len(buf))]); full > len(buf) || n > len(buf) {
+		hdr := 0
+		if d.virtio {
+			hdr = VirtioNetHdrLen
+		}
+		if full := hdr + ipLength(buf[min(hdr, n):min(n, len(buf))]); full > len(buf) || n > len(buf) {
 			return 0, fmt.Errorf("kerneltun: read %s: packet of %d bytes truncated to a %d-byte buffer", d.name, max(full, n), len(buf))
 		}
 	}

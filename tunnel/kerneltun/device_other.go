@@ -55,3 +55,6 @@ func (d *Device) BatchSize() int { return 1 }
 
 // DroppedWrites returns 0.
 func (d *Device) DroppedWrites() uint64 { return 0 }
+
+// VirtioNetHdr returns false.
+func (d *Device) VirtioNetHdr() bool { return false }

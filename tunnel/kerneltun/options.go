@@ -25,6 +25,10 @@ const (
 	MaxMTU = 65535
 )
 
+// VirtioNetHdrLen is the length of the virtio_net_hdr that precedes each
+// packet of a Device whose VirtioNetHdr is true.
+const VirtioNetHdrLen = 10
+
 // ifNameSize is IFNAMSIZ: interface names have at most 15 bytes.
 const ifNameSize = 16
 
@@ -35,17 +39,28 @@ type Options struct {
 	// kernel choose (tun0, tun1, ...). Ignored when File is set.
 	Name string
 	// File is an open TUN file descriptor for an interface created by
-	// someone else. It must have been set up with IFF_TUN | IFF_NO_PI; Open
-	// refuses TAP and virtio-header devices, but the kernel does not let it
-	// tell whether IFF_NO_PI was set. When set, Open creates nothing and
-	// changes nothing on the interface; the Device takes ownership of File
-	// and closes it on Close. File is switched to non-blocking mode, which
-	// other holders of the same open file will see too.
+	// someone else. It must have been set up with IFF_TUN | IFF_NO_PI, and
+	// with IFF_VNET_HDR only if VirtioNetHdr is set; Open refuses TAP
+	// devices, but the kernel does not let it tell whether IFF_NO_PI was
+	// set. When set, Open creates nothing and changes nothing on the
+	// interface but the descriptor's offloads; the Device takes ownership
+	// of File and closes it on Close. File is switched to non-blocking
+	// mode, which other holders of the same open file will see too.
 	File *os.File
 	// MTU is set on the interface when Open creates it. With File it is
 	// only what MTU reports if the interface's own MTU cannot be read.
 	// Default 1420.
 	MTU int
+	// VirtioNetHdr asks for a virtio_net_hdr in front of every packet and
+	// for TCP segmentation offload: Open creates the interface with
+	// IFF_VNET_HDR, and with File it accepts a descriptor opened that way
+	// (one opened without it still works, plainly). Device.VirtioNetHdr
+	// reports which it got. With the header, Read returns and Write takes
+	// TCP segments of up to 64 KiB that the kernel merged or is to cut and
+	// checksum (see netstack.Options.VirtioNetHdr), which spares a system
+	// call and a pass through both stacks for every MTU-sized packet; Read's
+	// buffers must then hold VirtioNetHdrLen + 65535 bytes.
+	VirtioNetHdr bool
 	// Logger receives open/close and dropped-packet notices; nil means no
 	// logs.
 	Logger *zap.Logger
