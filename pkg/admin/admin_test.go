@@ -4,9 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -106,5 +110,21 @@ func TestControlSocket(t *testing.T) {
 	}
 	if err := c.RemovePeer(ctx, "laptop"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("second remove: %v", err)
+	}
+}
+
+// TestPprof serves Go's profiles, which is how a slow gateway is looked
+// into; a goroutine dump must name the running test.
+func TestPprof(t *testing.T) {
+	srv := httptest.NewServer(NewHandler(Options{}))
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "TestPprof") {
+		t.Fatalf("status %d, body %.200q", resp.StatusCode, body)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"strconv"
 	"time"
@@ -44,6 +45,7 @@ type Options struct {
 //	GET    /v1/events?FILTER       newline-delimited FlowEvents, until the client leaves
 //	GET    /v1/config              the running configuration, YAML
 //	POST   /v1/reload
+//	GET    /debug/pprof/...        Go's profiles (net/http/pprof)
 //
 // FILTER is peer=NAME, proto=tcp|udp|icmp, dest=CIDR, port=N, state=STATE.
 func NewHandler(o Options) http.Handler {
@@ -58,6 +60,13 @@ func NewHandler(o Options) http.Handler {
 		}
 		io.WriteString(w, "ready\n")
 	})
+	// Profiles are for whoever may already steer the gateway: the admin
+	// API is on loopback or a 0600 socket.
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	if o.Metrics != nil {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(o.Metrics, promhttp.HandlerOpts{}))
 	}
