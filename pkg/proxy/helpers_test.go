@@ -260,4 +260,3 @@ func (s *socksClient) connect(host string, port uint16) (byte, error) {
 	code, _, err := s.request(1, host, port)
 	return code, err
 }
-
