@@ -3,6 +3,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -14,6 +15,11 @@ func main() {
 	err := newRootCmd().ExecuteContext(ctx)
 	stop()
 	if err != nil {
+		// A command that ran another (connect -- CMD) exits as it did.
+		var st interface{ ExitStatus() int }
+		if errors.As(err, &st) {
+			os.Exit(st.ExitStatus())
+		}
 		fmt.Fprintln(os.Stderr, "sluice:", err)
 		os.Exit(1)
 	}

@@ -14,6 +14,6 @@ conntrack, no kernel NAT.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newServeCmd(), newPeerCmd(), newStatusCmd(), newFlowsCmd(), newConfigCmd())
+	root.AddCommand(newServeCmd(), newPeerCmd(), newStatusCmd(), newFlowsCmd(), newConfigCmd(), newConnectCmd())
 	return root
 }

@@ -94,7 +94,12 @@ func NewHTTP(opts HTTPOptions) (*HTTPServer, error) {
 		IdleConnTimeout:       90 * time.Second,
 		ExpectContinueTimeout: time.Second,
 	}
-	errorLog := zap.NewStdLog(log.WithOptions(zap.IncreaseLevel(zap.DebugLevel)))
+	// net/http reports what clients do wrong (bad TLS, broken requests):
+	// worth a look when debugging, not otherwise.
+	errorLog, err := zap.NewStdLogAt(log, zap.DebugLevel)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: %w", err)
+	}
 	s.forward = &httputil.ReverseProxy{
 		Rewrite:       passOn,
 		Transport:     s.out,
