@@ -33,7 +33,7 @@ func (c *Client) Listen(network, address string) (net.Listener, error) {
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Addr: net.TCPAddrFromAddrPort(ap), Err: err}
 	}
-	return &listener{ln: ln, network: network}, nil
+	return &listener{ln: ln, network: network, bound: ap.Addr()}, nil
 }
 
 // ListenPacket opens a UDP socket on the client's tunnel address, as
@@ -56,7 +56,7 @@ func (c *Client) ListenPacket(network, address string) (net.PacketConn, error) {
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Addr: net.UDPAddrFromAddrPort(ap), Err: err}
 	}
-	return &packetConn{UDPConn: pc, c: c, v6: ap.Addr().Is6(), network: network}, nil
+	return &packetConn{UDPConn: pc, c: c, v6: ap.Addr().Is6(), network: network, bound: ap.Addr()}, nil
 }
 
 // localAddr parses a listening address: HOST must be empty, unspecified or
@@ -108,6 +108,7 @@ func (c *Client) localAddr(family int, address string) (ap netip.AddrPort, dual 
 type listener struct {
 	ln      *gonet.TCPListener
 	network string
+	bound   netip.Addr // as asked for, maybe unspecified
 
 	once   sync.Once
 	closed atomic.Bool
@@ -136,8 +137,18 @@ func (l *listener) Close() error {
 	return nil
 }
 
-// Addr implements net.Listener.
-func (l *listener) Addr() net.Addr { return l.ln.Addr() }
+// Addr implements net.Listener. An unspecified address is named, as the
+// net package names it ("[::]:8080"), rather than left out.
+func (l *listener) Addr() net.Addr {
+	a, _ := l.ln.Addr().(*net.TCPAddr)
+	if a == nil {
+		return &net.TCPAddr{IP: l.bound.AsSlice()}
+	}
+	if len(a.IP) == 0 {
+		return &net.TCPAddr{IP: l.bound.AsSlice(), Port: a.Port}
+	}
+	return a
+}
 
 // packetConn is a gonet UDP socket that takes the addresses the net
 // package gives (IPv4 in 16 bytes included), refuses destinations outside
@@ -148,6 +159,20 @@ type packetConn struct {
 	c       *Client
 	v6      bool
 	network string
+	bound   netip.Addr // as asked for, maybe unspecified
+}
+
+// LocalAddr implements net.PacketConn, naming an unspecified address as
+// Listener.Addr does.
+func (p *packetConn) LocalAddr() net.Addr {
+	a, _ := p.UDPConn.LocalAddr().(*net.UDPAddr)
+	if a == nil {
+		return &net.UDPAddr{IP: p.bound.AsSlice()}
+	}
+	if len(a.IP) == 0 {
+		return &net.UDPAddr{IP: p.bound.AsSlice(), Port: a.Port}
+	}
+	return a
 }
 
 // WriteTo implements net.PacketConn.
