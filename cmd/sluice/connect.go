@@ -20,6 +20,7 @@ import (
 
 	"github.com/sluice-vpn/sluice/pkg/client"
 	"github.com/sluice-vpn/sluice/pkg/proxy"
+	"github.com/sluice-vpn/sluice/tunnel/wireguard"
 )
 
 // proxyAuthEnv is where --proxy-auth is read from when the flag is not
@@ -165,9 +166,17 @@ func runConnect(cmd *cobra.Command, f connectFlags, argv []string) error {
 		log.Warn("--proxy-insecure without --proxy-auth: whoever reaches the proxies uses your tunnel")
 	}
 
-	c, err := client.New(client.Options{ConfigFile: f.configFile, Logger: log})
+	text, err := os.ReadFile(f.configFile)
 	if err != nil {
-		return err
+		return fmt.Errorf("--config: %w", err)
+	}
+	conf, err := wireguard.ParseConfig(string(text))
+	if err != nil {
+		return fmt.Errorf("--config %s: %w", f.configFile, err)
+	}
+	c, err := client.New(client.Options{Config: conf, Logger: log})
+	if err != nil {
+		return fmt.Errorf("--config %s: %w", f.configFile, err)
 	}
 	defer c.Close()
 	ctx := cmd.Context()

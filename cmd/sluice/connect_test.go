@@ -422,7 +422,7 @@ func TestConnectFlagErrors(t *testing.T) {
 		{[]string{"connect", "--config", "x.conf", "--http-proxy", ":8080"}, "--proxy-insecure"},
 		{[]string{"connect", "--config", "x.conf", "--socks5", "", "--http-proxy", ""}, "both empty"},
 		{[]string{"connect", "--config", "x.conf", "--proxy-auth", "nocolon"}, "USER:PASSWORD"},
-		{[]string{"connect", "--config", "/nonexistent/client.conf"}, "Options.ConfigFile"},
+		{[]string{"connect", "--config", "/nonexistent/client.conf"}, "--config: open /nonexistent/client.conf"},
 		{[]string{"connect"}, `"config" not set`},
 		{[]string{"connect", "--config", "x.conf", "curl", "--", "x"}, "after --"},
 	} {
