@@ -36,9 +36,8 @@ type link struct {
 	virtio  bool
 	inbound sync.Pool // of *inbound
 
-	// The reader's segmenter and its copy of the GSO packet in hand.
-	seg    segmenter
-	segBuf []byte
+	// The reader's segmenter, with the GSO packet in hand.
+	seg segmenter
 
 	counts packetCounters
 }
@@ -55,7 +54,6 @@ func newLink(mtu, queueLen int, trustChecksums, virtio bool) *link {
 		done:           make(chan struct{}),
 		trustChecksums: trustChecksums,
 		virtio:         virtio,
-		segBuf:         make([]byte, 1<<16),
 	}
 	l.inbound.New = func() any {
 		in := new(inbound)
@@ -141,7 +139,6 @@ func (l *link) read(bufs [][]byte, sizes []int, offset int) (int, error) {
 				l.outTooBig.Add(1)
 				continue
 			}
-			l.counts.count(bufs[n][offset:offset+size], false, 1)
 			sizes[n] = size
 			n++
 			continue
@@ -151,6 +148,7 @@ func (l *link) read(bufs [][]byte, sizes []int, offset int) (int, error) {
 			select {
 			case pkt = <-l.out:
 			case <-l.done:
+				l.seg.release()
 				return 0, os.ErrClosed
 			}
 		} else {
@@ -161,7 +159,9 @@ func (l *link) read(bufs [][]byte, sizes []int, offset int) (int, error) {
 			}
 		}
 		if pkt.GSOOptions.Type != stack.GSONone && !l.virtio {
-			if !l.seg.load(pkt, l.segBuf) {
+			if l.seg.load(pkt) {
+				l.counts.count(l.seg.hdr, false, uint64(l.seg.segments()))
+			} else {
 				l.outTooBig.Add(1)
 			}
 			pkt.DecRef()
