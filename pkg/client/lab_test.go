@@ -162,14 +162,23 @@ type dnsServer struct {
 }
 
 func newDNSServer() (*dnsServer, error) {
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	addr := netip.MustParseAddrPort(pc.LocalAddr().String())
-	ln, err := net.Listen("tcp4", addr.String())
-	if err != nil {
+	// UDP and TCP on one port: the UDP port the kernel picks may be taken
+	// for TCP, so try a few.
+	var pc net.PacketConn
+	var ln net.Listener
+	var addr netip.AddrPort
+	var err error
+	for range 10 {
+		if pc, err = net.ListenPacket("udp4", "127.0.0.1:0"); err != nil {
+			return nil, err
+		}
+		addr = netip.MustParseAddrPort(pc.LocalAddr().String())
+		if ln, err = net.Listen("tcp4", addr.String()); err == nil {
+			break
+		}
 		pc.Close()
+	}
+	if err != nil {
 		return nil, err
 	}
 	d := &dnsServer{addr: addr, pc: pc, ln: ln, records: map[string][]netip.Addr{}, tcpOnly: map[string]bool{}}

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -51,6 +52,7 @@ type HTTPServer struct {
 	http    *http.Server
 	forward *httputil.ReverseProxy
 	out     *http.Transport
+	live    sync.Map // net.Conn → true: connections net/http serves, counted in srv
 }
 
 // NewHTTP returns a server; it serves nothing until Serve.
@@ -112,6 +114,7 @@ func NewHTTP(opts HTTPOptions) (*HTTPServer, error) {
 		ReadHeaderTimeout: cm.handshakeTimeout,
 		IdleTimeout:       opts.IdleTimeout,
 		ErrorLog:          errorLog,
+		ConnState:         s.connState,
 	}
 	return s, nil
 }
@@ -139,6 +142,22 @@ func (s *HTTPServer) Close() error {
 	s.srv.close()
 	s.out.CloseIdleConnections()
 	return nil
+}
+
+// connState counts each connection net/http serves until its last state
+// change, so that Close waits for net/http's goroutine as well as for the
+// handler: http.Server.Close does not.
+func (s *HTTPServer) connState(c net.Conn, st http.ConnState) {
+	switch st {
+	case http.StateNew:
+		if s.srv.enter() {
+			s.live.Store(c, true)
+		}
+	case http.StateHijacked, http.StateClosed:
+		if _, ok := s.live.LoadAndDelete(c); ok {
+			s.srv.leave()
+		}
+	}
 }
 
 // refuse answers a client over MaxConns with 503 once it has sent its

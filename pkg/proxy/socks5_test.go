@@ -309,6 +309,19 @@ func TestSOCKS5CloseEndsEverything(t *testing.T) {
 	}
 }
 
+// proxyGoroutinesAfter is proxyGoroutines once it is empty or d has
+// passed.
+func proxyGoroutinesAfter(d time.Duration) string {
+	deadline := time.Now().Add(d)
+	for {
+		stacks := proxyGoroutines()
+		if stacks == "" || time.Now().After(deadline) {
+			return stacks
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // proxyGoroutines returns the stacks of the goroutines running code of
 // package proxy (not its tests).
 func proxyGoroutines() string {
