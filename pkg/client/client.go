@@ -201,6 +201,12 @@ func New(opts Options) (*Client, error) {
 		staleAfter: opts.StaleAfter,
 		started:    time.Now(),
 	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	defer func() {
+		if c.dev == nil {
+			c.cancel() // New failed
+		}
+	}()
 	var devPeers []wireguard.Peer
 	for i, cp := range conf.Peers {
 		p, err := newPeer(cp)
@@ -237,7 +243,6 @@ func New(opts Options) (*Client, error) {
 		TLSHandshakeTimeout:   10 * time.Second,
 		ExpectContinueTimeout: time.Second,
 	}
-	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wg.Add(1)
 	go c.monitor()
 	log.Info("tunnel started",

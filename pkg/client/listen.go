@@ -25,7 +25,7 @@ func (c *Client) Listen(network, address string) (net.Listener, error) {
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
 	}
-	ap, dual, err := c.localAddr(family, address)
+	ap, dual, err := c.localAddr(proto, family, address)
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
 	}
@@ -48,7 +48,7 @@ func (c *Client) ListenPacket(network, address string) (net.PacketConn, error) {
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
 	}
-	ap, dual, err := c.localAddr(family, address)
+	ap, dual, err := c.localAddr(proto, family, address)
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
 	}
@@ -62,8 +62,8 @@ func (c *Client) ListenPacket(network, address string) (net.PacketConn, error) {
 // localAddr parses a listening address: HOST must be empty, unspecified or
 // one of the client's addresses. dual reports an IPv6 socket that takes
 // IPv4 too.
-func (c *Client) localAddr(family int, address string) (ap netip.AddrPort, dual bool, err error) {
-	host, port, err := c.splitHostPort(c.ctx, "tcp", address)
+func (c *Client) localAddr(proto string, family int, address string) (ap netip.AddrPort, dual bool, err error) {
+	host, port, err := c.splitHostPort(c.ctx, proto, address)
 	if err != nil {
 		return netip.AddrPort{}, false, err
 	}

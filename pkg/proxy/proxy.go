@@ -84,7 +84,9 @@ var ErrServerClosed = errors.New("proxy: server closed")
 // clients with RFC 1929, HTTP clients in a Basic Proxy-Authorization
 // header.
 type Credentials struct {
+	// Username is required, at most 255 bytes and without ':'.
 	Username string
+	// Password is at most 255 bytes; it may be empty.
 	Password string
 }
 
