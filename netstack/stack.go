@@ -319,6 +319,9 @@ type Stats struct {
 	TCPRelays      int    // TCP connections being relayed
 	Refused        uint64 // flows or datagrams refused by the handler
 	ICMPErrorsSent uint64
+	// Retransmits counts TCP segments the stack sent to clients again;
+	// Timeouts counts the retransmission timeouts among them.
+	Retransmits, Timeouts uint64
 }
 
 // Stats returns a snapshot of the counters.
@@ -336,6 +339,8 @@ func (s *Stack) Stats() Stats {
 	s.tcp.stats(&st)
 	st.Refused = s.refused.Load() + s.tcp.refused.Load()
 	st.ICMPErrorsSent = s.icmpSent.Load()
+	st.Retransmits = gs.TCP.Retransmits.Value()
+	st.Timeouts = gs.TCP.Timeouts.Value()
 	return st
 }
 

@@ -223,7 +223,7 @@ type relay struct {
 // relayBufSize is the size of each copy: a GSO segment's worth, so that a
 // bulk transfer costs one system call and one pass through gVisor's TCP
 // per 64 KiB. Only flows with data in hand hold one.
-const relayBufSize = 64 << 10
+const relayBufSize = 32 << 10
 
 var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
 

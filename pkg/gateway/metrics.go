@@ -13,7 +13,7 @@ type metricsCollector struct {
 
 	flows, flowsCreated, refused, peerBytes, peerPackets, peerFlows, wgBytes,
 	handshakeAge, egressPorts, egressSlice, egressConns, inFlight, inFlightDrops,
-	malformed, packets, tableMax, dnsQueries, limited *prometheus.Desc
+	malformed, packets, tableMax, dnsQueries, limited, queueDrops, retransmits *prometheus.Desc
 }
 
 // Collector returns a Prometheus collector of the gateway's metrics.
@@ -38,6 +38,8 @@ func (s *Server) Collector() prometheus.Collector {
 		inFlightDrops: d("tcp_handshakes_dropped_total", "SYNs dropped because too many handshakes were in flight."),
 		malformed:     d("packets_malformed_total", "Packets from clients dropped because they did not parse."),
 		packets:       d("packets_total", "Packets through the stack, by direction (in: from clients).", "direction"),
+		queueDrops:    d("packets_queue_dropped_total", "Packets toward clients dropped because the tunnel did not take them fast enough."),
+		retransmits:   d("tcp_retransmits_total", "TCP segments sent to clients again, by cause (timeout, or loss detected otherwise).", "cause"),
 		tableMax:      d("flows_max", "The connection table's size limit."),
 		dnsQueries:    d("dns_queries_total", "DNS queries to the gateway's address, by outcome.", "outcome"),
 		limited:       d("peer_flows_limited_total", "Flows of a peer refused by its limits, by limit.", "peer", "limit"),
@@ -104,6 +106,9 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.malformed, st.Stack.Malformed)
 	counter(c.packets, st.Stack.PacketsIn, "in")
 	counter(c.packets, st.Stack.PacketsOut, "out")
+	counter(c.queueDrops, st.Stack.QueueDrops)
+	counter(c.retransmits, st.Stack.Timeouts, "timeout")
+	counter(c.retransmits, st.Stack.Retransmits-min(st.Stack.Timeouts, st.Stack.Retransmits), "loss")
 	gauge(c.tableMax, float64(s.table.MaxFlows()))
 	counter(c.dnsQueries, st.DNS.Answered, "answered")
 	counter(c.dnsQueries, st.DNS.Failed, "failed")
