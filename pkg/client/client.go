@@ -351,10 +351,14 @@ func (c *Client) Up(ctx context.Context) error {
 		}
 		var waiting []*peer
 		for _, p := range targets {
-			hs := stats[p.cfg.PublicKey].LastHandshake
-			if hs.IsZero() || time.Since(hs) >= sessionLifetime {
+			st := stats[p.cfg.PublicKey]
+			if st.LastHandshake.IsZero() || time.Since(st.LastHandshake) >= sessionLifetime {
 				waiting = append(waiting, p)
+				continue
 			}
+			c.mu.Lock()
+			c.noteHandshake(p, st)
+			c.mu.Unlock()
 		}
 		if len(waiting) == 0 {
 			return nil
@@ -540,10 +544,7 @@ func (c *Client) check() {
 			p.heard = now
 		}
 		p.tx, p.rx = st.TxBytes, st.RxBytes
-		fresh := st.LastHandshake.After(p.handshake)
-		if fresh {
-			p.handshake = st.LastHandshake
-		}
+		fresh := c.noteHandshake(p, st)
 		since := p.handshake
 		if since.Before(c.started) {
 			since = c.started
@@ -551,9 +552,7 @@ func (c *Client) check() {
 		stale := now.Sub(since) > c.staleAfter && now.Sub(p.heard) > c.staleAfter
 		recover := false
 		switch {
-		case fresh && !p.up:
-			p.up = true
-			c.log.Info("handshake up", zap.String("peer", p.cfg.PublicKey.String()), zap.Stringer("endpoint", st.Endpoint))
+		case fresh:
 		case p.up && stale && sending:
 			p.up = false
 			recover = true
@@ -592,6 +591,21 @@ func (c *Client) check() {
 			}
 		}
 	}
+}
+
+// noteHandshake records st's handshake if it is new, and logs the peer
+// coming up. It reports whether the handshake was new. The caller holds
+// c.mu.
+func (c *Client) noteHandshake(p *peer, st wireguard.PeerStats) bool {
+	if !st.LastHandshake.After(p.handshake) {
+		return false
+	}
+	p.handshake = st.LastHandshake
+	if !p.up {
+		p.up = true
+		c.log.Info("handshake up", zap.String("peer", p.cfg.PublicKey.String()), zap.Stringer("endpoint", st.Endpoint))
+	}
+	return true
 }
 
 // PeerStatus is what the client knows of one of its peers now.
