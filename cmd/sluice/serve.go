@@ -276,7 +276,7 @@ func runServe(cmd *cobra.Command, f serveFlags) error {
 	if conf.TUN.Enabled() {
 		return serveTUN(cmd, f, conf, log)
 	}
-	raiseFileLimit(log)
+	raiseFileLimit(log, conf.Table.MaxFlows)
 
 	sopts := conf.ServiceOptions()
 	sopts.Logger = log
@@ -357,7 +357,7 @@ func serveTUN(cmd *cobra.Command, f serveFlags, conf *config.Config, log *zap.Lo
 	} else if opts.Device, err = kerneltun.Open(kerneltun.Options{Name: conf.TUN.Name, MTU: conf.MTU, VirtioNetHdr: true, Logger: log}); err != nil {
 		return fmt.Errorf("--tun %q: %w", conf.TUN.Name, err)
 	}
-	raiseFileLimit(log)
+	raiseFileLimit(log, conf.Table.MaxFlows)
 	srv, err := gateway.New(opts)
 	if err != nil {
 		return err
@@ -391,8 +391,9 @@ func serveTUN(cmd *cobra.Command, f serveFlags, conf *config.Config, log *zap.Lo
 }
 
 // raiseFileLimit lifts the soft limit on open files to the hard limit:
-// every flow holds an egress socket.
-func raiseFileLimit(log *zap.Logger) {
+// every TCP flow holds an egress socket, so the limit, not the table, may
+// be what caps the flows; then it says so.
+func raiseFileLimit(log *zap.Logger, maxFlows int) {
 	var lim unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
 		return
@@ -404,6 +405,13 @@ func raiseFileLimit(log *zap.Logger) {
 			return
 		}
 	}
-	log.Info("open file limit", zap.Uint64("limit", lim.Cur),
-		zap.String("note", "each TCP flow holds one egress socket; the hard limit caps the flows"))
+	// A few hundred descriptors go to everything but flows.
+	const reserve = 256
+	if lim.Cur < uint64(maxFlows)+reserve {
+		log.Warn("the open file limit caps the TCP flows below the table's size: each holds an egress socket",
+			zap.Uint64("limit", lim.Cur), zap.Uint64("tcp_flows_at_most", lim.Cur-min(lim.Cur, reserve)),
+			zap.Int("table_max_flows", maxFlows))
+		return
+	}
+	log.Info("open file limit", zap.Uint64("limit", lim.Cur))
 }

@@ -112,6 +112,22 @@ func TestServeWireGuardEndToEnd(t *testing.T) {
 	wgeWaitControlSocket(t, gw, filepath.Join(stateDir, "sluice.sock"), 20*time.Second)
 	t.Logf("sluice up %v after the test started", time.Since(start).Round(time.Millisecond))
 
+	t.Run("FileLimitLogged", func(t *testing.T) {
+		// The gateway inherits this process's hard limit; with the
+		// default table of 65536 flows, a lower one caps the flows.
+		var lim syscall.Rlimit
+		if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			t.Skip(err)
+		}
+		want := `"open file limit"`
+		if lim.Max < 65536+256 {
+			want = fmt.Sprintf(`"limit": %d, "tcp_flows_at_most"`, lim.Max)
+		}
+		if log := gw.stderr.String(); !strings.Contains(log, want) {
+			t.Errorf("the log does not say %s:\n%s", want, log)
+		}
+	})
+
 	t.Run("FirstPeerPrinted", func(t *testing.T) {
 		// serve prints it before it opens the control socket, but the
 		// lines may still be in the pipe.
