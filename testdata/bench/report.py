@@ -312,7 +312,9 @@ def render(raw, meta, flows, notes, errors):
     out.append("")
     out.append("No tunnel between bc and bg. Baseline: bg forwards with iptables MASQUERADE. sluice: "
                "`sluice serve --tun` (MTU 1500, as the veths), with policy routing in bg sending "
-               "everything that arrives from bc into the TUN (as `cmd/sluice/serve_tun_test.go` does).")
+               "everything that arrives from bc into the TUN (as `cmd/sluice/serve_tun_test.go` does). "
+               "sluice opens the TUN with virtio-net headers and TCP segmentation offload, so TCP "
+               "crosses between the kernel and its stack in segments of up to 64 KiB each way.")
     out.append("")
     if any(d in ("kfwd", "sluice_tun") for (d, _, _) in raw):
         tests = tun_table(rep, out)

@@ -1,5 +1,7 @@
-// Package kerneltun is a kernel TUN device (Linux) as a tun.Device: plain IP
-// packets, one per Read, with no packet-information or virtio header.
+// Package kerneltun is a kernel TUN device (Linux) as a tun.Device: IP
+// packets, one per Read, with no packet-information header, and with a
+// virtio-net header and TCP segmentation offload when asked for
+// (Options.VirtioNetHdr).
 //
 // It either creates the interface itself (through github.com/songgao/water),
 // sets its MTU and brings it up, or takes a TUN file descriptor that someone
