@@ -118,6 +118,11 @@ func ParseFlowFilter(v url.Values) (FlowFilter, error) {
 
 // Status is the gateway at a glance, like wg show.
 type Status struct {
+	// Mode is how clients reach the gateway: "wireguard", or "tun" for a
+	// TUN device, which has no key, no listening port and no peers.
+	Mode string `json:"mode"`
+	// Device is the TUN device's name in TUN mode.
+	Device     string       `json:"device,omitempty"`
 	PublicKey  string       `json:"public_key,omitempty"`
 	ListenPort int          `json:"listen_port,omitempty"`
 	Addrs      []netip.Addr `json:"addrs,omitempty"`
