@@ -19,7 +19,6 @@ import (
 
 	"github.com/sluice-vpn/sluice/nat"
 	"github.com/sluice-vpn/sluice/pkg/config"
-	"github.com/sluice-vpn/sluice/pkg/gateway"
 	"github.com/sluice-vpn/sluice/pkg/service"
 	"github.com/sluice-vpn/sluice/tunnel/kerneltun"
 )
@@ -61,7 +60,9 @@ ordinary user: it listens on UDP 51820, keeps its key and peers in a state
 directory, and on its first start creates a peer and prints its
 configuration and QR code.
 
-With --tun NAME (or --tun-fd N) it serves a kernel TUN device instead.
+With --tun NAME (or --tun-fd N) it serves a kernel TUN device instead; the
+state directory then holds only its lock and the control socket, through
+which sluice status and sluice flows reach the gateway as in WireGuard mode.
 
 Either way every TCP and UDP flow and every ping that arrives is terminated
 in user space and re-dialled from this host's sockets.
@@ -278,6 +279,22 @@ func runServe(cmd *cobra.Command, f serveFlags) error {
 	}
 	raiseFileLimit(log, conf.Table.MaxFlows)
 
+	ctx := cmd.Context()
+	svc, err := service.New(ctx, serviceOptions(cmd, f, conf, log))
+	if err != nil {
+		return err
+	}
+	if np := svc.FirstPeer(); np != nil {
+		fmt.Fprintf(cmd.OutOrStdout(), "# sluice: no peers yet, so here is a first one, %q.\n", np.Peer.Name)
+		fmt.Fprintf(cmd.OutOrStdout(), "# Import it in a WireGuard app (scan the QR code) or save it as a wg-quick file.\n")
+		printPeerConfig(cmd.OutOrStdout(), np, true)
+	}
+	return runService(ctx, svc, log)
+}
+
+// serviceOptions are the service's options from conf; a reload, on SIGHUP
+// or through the admin API, reads the same file and flags again.
+func serviceOptions(cmd *cobra.Command, f serveFlags, conf *config.Config, log *zap.Logger) service.Options {
 	sopts := conf.ServiceOptions()
 	sopts.Logger = log
 	sopts.ConfigYAML, _ = config.Marshal(conf)
@@ -290,16 +307,11 @@ func runServe(cmd *cobra.Command, f serveFlags) error {
 		yaml, err := config.Marshal(next)
 		return next.Reloadable(), yaml, err
 	}
-	ctx := cmd.Context()
-	svc, err := service.New(ctx, sopts)
-	if err != nil {
-		return err
-	}
-	if np := svc.FirstPeer(); np != nil {
-		fmt.Fprintf(cmd.OutOrStdout(), "# sluice: no peers yet, so here is a first one, %q.\n", np.Peer.Name)
-		fmt.Fprintf(cmd.OutOrStdout(), "# Import it in a WireGuard app (scan the QR code) or save it as a wg-quick file.\n")
-		printPeerConfig(cmd.OutOrStdout(), np, true)
-	}
+	return sopts
+}
+
+// runService runs svc until ctx is done, reloading it on SIGHUP.
+func runService(ctx context.Context, svc *service.Service, log *zap.Logger) error {
 	log.Info("state", zap.String("dir", svc.StateDir()))
 	stop := onHangup(ctx, func() {
 		if err := svc.Reload(ctx); err != nil {
@@ -343,51 +355,29 @@ func warnRestart(log *zap.Logger, old, next *config.Config) {
 	}
 }
 
+// serveTUN serves a kernel TUN device through the same service as
+// WireGuard mode (the state directory's lock and control socket, --admin,
+// metrics, reload, drain on shutdown); only the packet source differs.
 func serveTUN(cmd *cobra.Command, f serveFlags, conf *config.Config, log *zap.Logger) (err error) {
-	opts := conf.GatewayOptions()
-	opts.Logger = log
+	sopts := serviceOptions(cmd, f, conf, log)
 	if conf.TUN.FD >= 0 {
 		file := os.NewFile(uintptr(conf.TUN.FD), "tun-fd")
 		if file == nil {
 			return fmt.Errorf("--tun-fd %d: not an open file descriptor", conf.TUN.FD)
 		}
-		if opts.Device, err = kerneltun.Open(kerneltun.Options{File: file, MTU: conf.MTU, VirtioNetHdr: true, Logger: log}); err != nil {
+		if sopts.Device, err = kerneltun.Open(kerneltun.Options{File: file, MTU: conf.MTU, VirtioNetHdr: true, Logger: log}); err != nil {
 			return fmt.Errorf("--tun-fd %d: %w", conf.TUN.FD, err)
 		}
-	} else if opts.Device, err = kerneltun.Open(kerneltun.Options{Name: conf.TUN.Name, MTU: conf.MTU, VirtioNetHdr: true, Logger: log}); err != nil {
+	} else if sopts.Device, err = kerneltun.Open(kerneltun.Options{Name: conf.TUN.Name, MTU: conf.MTU, VirtioNetHdr: true, Logger: log}); err != nil {
 		return fmt.Errorf("--tun %q: %w", conf.TUN.Name, err)
 	}
 	raiseFileLimit(log, conf.Table.MaxFlows)
-	srv, err := gateway.New(opts)
+	// The service owns the device from here, and closes it if New fails.
+	svc, err := service.New(cmd.Context(), sopts)
 	if err != nil {
 		return err
 	}
-	ctx := cmd.Context()
-	if err := srv.Start(context.Background()); err != nil {
-		srv.Close()
-		return err
-	}
-	stop := onHangup(ctx, func() {
-		next, err := f.config(cmd)
-		if err == nil {
-			warnRestart(log, conf, next)
-			r := next.Reloadable()
-			if err = srv.SetLimits(r.Limits); err == nil {
-				err = srv.SetPolicy(r.Policy)
-			}
-		}
-		if err != nil {
-			log.Error("reload rejected; the running configuration stays", zap.Error(err))
-			return
-		}
-		log.Info("configuration reloaded")
-	})
-	defer stop()
-	<-ctx.Done()
-	log.Info("shutting down", zap.Duration("grace", conf.Shutdown.Grace))
-	grace, cancel := context.WithTimeout(context.Background(), conf.Shutdown.Grace)
-	defer cancel()
-	return srv.Shutdown(grace)
+	return runService(cmd.Context(), svc, log)
 }
 
 // raiseFileLimit lifts the soft limit on open files to the hard limit:

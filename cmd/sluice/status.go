@@ -44,6 +44,12 @@ func newStatusCmd() *cobra.Command {
 
 func printStatus(w io.Writer, st admin.Status) {
 	fmt.Fprintf(w, "gateway\n")
+	if st.Mode != "" {
+		fmt.Fprintf(w, "  mode: %s\n", st.Mode)
+	}
+	if st.Device != "" {
+		fmt.Fprintf(w, "  device: %s\n", st.Device)
+	}
 	if st.PublicKey != "" {
 		fmt.Fprintf(w, "  public key: %s\n  listening port: %d\n", st.PublicKey, st.ListenPort)
 	}

@@ -73,8 +73,17 @@ func flowInfo(e nat.Entry) admin.FlowInfo {
 	}
 }
 
-// Status implements admin.StatusBackend.
+// Status implements admin.StatusBackend. In TUN mode it names the device
+// and has no peers.
 func (s *Service) Status(ctx context.Context) (admin.Status, error) {
+	if s.isTUN() {
+		return admin.Status{
+			Mode:   modeTUN,
+			Device: s.deviceName(),
+			Flows:  s.gw.Table().Len(),
+			Peers:  []admin.PeerStatus{},
+		}, nil
+	}
 	peers, err := s.Peers(ctx)
 	if err != nil {
 		return admin.Status{}, err
@@ -85,6 +94,7 @@ func (s *Service) Status(ctx context.Context) (admin.Status, error) {
 		perPeer[e.Peer]++
 	}
 	st := admin.Status{
+		Mode:       modeWireGuard,
 		PublicKey:  s.gw.PublicKey().String(),
 		ListenPort: s.gw.ListenPort(),
 		Flows:      len(flows),

@@ -128,8 +128,12 @@ func peerInfo(p state.Peer) admin.PeerInfo {
 	return admin.PeerInfo{Name: p.Name, PublicKey: p.PublicKey, Addrs: p.Addrs}
 }
 
-// Server implements admin.Backend.
+// Server implements admin.PeerBackend; in TUN mode there is no server
+// for a client configuration to name.
 func (s *Service) Server(context.Context) (admin.ServerInfo, error) {
+	if s.isTUN() {
+		return admin.ServerInfo{}, s.errNoPeers()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	info, err := serverInfo(s.st, s.opts.Gateway.MTU)
@@ -137,8 +141,11 @@ func (s *Service) Server(context.Context) (admin.ServerInfo, error) {
 	return info, err
 }
 
-// Peers implements admin.Backend.
+// Peers implements admin.PeerBackend.
 func (s *Service) Peers(context.Context) ([]admin.PeerInfo, error) {
+	if s.isTUN() {
+		return nil, s.errNoPeers()
+	}
 	peers, err := s.gw.Peers()
 	if err != nil {
 		return nil, err
@@ -157,8 +164,11 @@ func (s *Service) Peers(context.Context) ([]admin.PeerInfo, error) {
 	return out, nil
 }
 
-// AddPeer implements admin.Backend: the peer is stored, then let in.
+// AddPeer implements admin.PeerBackend: the peer is stored, then let in.
 func (s *Service) AddPeer(_ context.Context, req admin.AddPeerRequest) (admin.AddPeerResponse, error) {
+	if s.isTUN() {
+		return admin.AddPeerResponse{}, s.errNoPeers()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	next := s.st.Clone()
@@ -184,9 +194,12 @@ func (s *Service) AddPeer(_ context.Context, req admin.AddPeerRequest) (admin.Ad
 	return admin.AddPeerResponse{Peer: peerInfo(p), Server: info}, err
 }
 
-// RemovePeer implements admin.Backend: the peer is shut out, then
+// RemovePeer implements admin.PeerBackend: the peer is shut out, then
 // forgotten.
 func (s *Service) RemovePeer(_ context.Context, name string) error {
+	if s.isTUN() {
+		return s.errNoPeers()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	next := s.st.Clone()

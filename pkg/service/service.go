@@ -1,8 +1,10 @@
-// Package service is what `sluice serve` runs: a WireGuard gateway bound to
-// a state directory that holds its key and its peers, with a control
-// socket there through which peers are added and removed while it runs.
-// The functions in peers.go do the same to a gateway that is stopped, by
-// editing its state.
+// Package service is what `sluice serve` runs: a gateway bound to a state
+// directory, with a control socket there that serves the admin API (flows,
+// status, metrics, reload) while it runs. In WireGuard mode the directory
+// also holds the gateway's key and its peers, which are added and removed
+// through the socket; the functions in peers.go do the same to a gateway
+// that is stopped, by editing its state. In TUN mode (Options.Device) the
+// directory holds only the lock and the socket.
 package service
 
 import (
@@ -18,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/zap"
+	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/sluice-vpn/sluice/pkg/admin"
 	"github.com/sluice-vpn/sluice/pkg/gateway"
@@ -31,12 +34,20 @@ const DefaultListenPort = 51820
 // SocketName is the control socket's name in the state directory.
 const SocketName = "sluice.sock"
 
-// Options configures a Service. The zero value runs a gateway on UDP
-// 51820 with its state in state.DefaultDir().
+// Options configures a Service. The zero value runs a WireGuard gateway
+// on UDP 51820 with its state in state.DefaultDir().
 type Options struct {
 	// StateDir holds the key, the peers and the control socket; "" means
-	// state.DefaultDir().
+	// state.DefaultDir(). Its lock is held for the service's life, so two
+	// gateways, of either mode, never share one.
 	StateDir string
+	// Device, if set, runs the gateway in TUN mode: clients' packets come
+	// from this device (a kernel TUN device, an in-memory tunnel) instead
+	// of WireGuard. There are then no key, no peers and no state file,
+	// and the WireGuard fields below, ListenPort to FirstPeer, are
+	// ignored. The service owns the device from New on, and closes it
+	// even when New fails.
+	Device tun.Device
 	// ListenPort is WireGuard's UDP port [51820].
 	ListenPort int
 	// ListenAddr limits WireGuard to one local address; the zero value
@@ -55,8 +66,10 @@ type Options struct {
 	// new user is connected in one step ["peer1"]. "-" creates none.
 	FirstPeer string
 	// Gateway carries the gateway's egress, policy, limits, table and
-	// stack options; its Device, WireGuard, Addrs and DNSUpstreams are set
-	// by the service.
+	// stack options. Its Device and WireGuard must be unset: the service
+	// sets them (Options.Device selects TUN mode). In WireGuard mode the
+	// service also sets its Addrs and DNSUpstreams; in TUN mode those are
+	// used as given.
 	Gateway gateway.Options
 	// Admin is a TCP address for the admin API besides the control socket;
 	// it must be a loopback address unless AdminInsecure is set.
@@ -82,21 +95,23 @@ type Service struct {
 	store  *state.Store
 	unlock func()
 	gw     *gateway.Server
+	device string // the TUN device's name at New; "" in WireGuard mode
 
-	mu         sync.Mutex // guards st and configYAML
-	st         *state.State
+	mu         sync.Mutex   // guards st and configYAML
+	st         *state.State // nil in TUN mode
 	configYAML []byte
 	reloadMu   sync.Mutex
 
 	first *NewPeer
 }
 
-// New opens the state directory, takes its lock for the service's life,
-// loads the state (creating it, with a fresh key, on first start) and
-// builds the gateway with the stored peers.
-func New(ctx context.Context, opts Options) (svc *Service, err error) {
-	if opts.Logger == nil {
-		opts.Logger = zap.NewNop()
+// New opens the state directory and takes its lock for the service's
+// life. In WireGuard mode it loads the state (creating it, with a fresh
+// key, on first start) and builds the gateway with the stored peers; in
+// TUN mode it builds the gateway on Options.Device.
+func New(ctx context.Context, opts Options) (*Service, error) {
+	if opts.Device != nil {
+		return newTUN(ctx, opts)
 	}
 	if opts.ListenPort == 0 {
 		opts.ListenPort = DefaultListenPort
@@ -107,19 +122,45 @@ func New(ctx context.Context, opts Options) (svc *Service, err error) {
 	if opts.FirstPeer == "" {
 		opts.FirstPeer = "peer1"
 	}
-	if opts.ShutdownGrace == 0 {
-		opts.ShutdownGrace = 30 * time.Second
-	}
 	if opts.Pools == (state.Pools{}) {
 		opts.Pools = state.DefaultPools
 	}
+	s, err := open(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.startWireGuard(); err != nil {
+		s.unlock()
+		return nil, err
+	}
+	return s, nil
+}
+
+// open fills the defaults both modes share, checks the options both
+// modes read, and opens and locks the state directory.
+func open(ctx context.Context, opts Options) (*Service, error) {
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	if opts.ShutdownGrace == 0 {
+		opts.ShutdownGrace = 30 * time.Second
+	}
+	if opts.Gateway.Device != nil {
+		return nil, errors.New("service: Options.Gateway.Device: set Options.Device instead, for TUN mode")
+	}
+	if opts.Gateway.WireGuard != nil {
+		return nil, errors.New("service: Options.Gateway.WireGuard: the service configures WireGuard itself; leave it nil")
+	}
 	s := &Service{opts: opts, log: opts.Logger.Named("service"), configYAML: opts.ConfigYAML}
+	var err error
 	if s.store, err = state.Open(opts.StateDir); err != nil {
 		return nil, err
 	}
 	s.unlock, err = s.store.TryLock()
 	if errors.Is(err, state.ErrLocked) {
-		if _, perr := admin.NewUnixClient(filepath.Join(s.store.Dir(), SocketName)).Server(ctx); perr == nil {
+		// Status, not Server: a gateway in TUN mode has no server info
+		// to give, but it answers.
+		if _, perr := admin.NewUnixClient(filepath.Join(s.store.Dir(), SocketName)).Status(ctx); perr == nil {
 			return nil, fmt.Errorf("service: state directory %s is in use by a running gateway", s.store.Dir())
 		}
 		// A peer command is editing the state; it is quick.
@@ -130,16 +171,18 @@ func New(ctx context.Context, opts Options) (svc *Service, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("service: state directory %s is in use: %w", s.store.Dir(), err)
 	}
-	defer func() {
-		if err != nil {
-			s.unlock()
-		}
-	}()
+	return s, nil
+}
 
+// startWireGuard loads or creates the state and builds a WireGuard
+// gateway with its key and peers.
+func (s *Service) startWireGuard() error {
 	if err := s.loadOrCreate(); err != nil {
-		return nil, err
+		return err
 	}
+	opts := s.opts
 	if opts.DNSUpstreams == nil {
+		var err error
 		opts.DNSUpstreams, err = ResolvConfUpstreams("/etc/resolv.conf")
 		if err != nil {
 			s.log.Warn("no DNS upstream: clients' DNS queries to the gateway will be refused", zap.Error(err))
@@ -148,10 +191,9 @@ func New(ctx context.Context, opts Options) (svc *Service, err error) {
 
 	priv, err := wireguard.ParseKey(s.st.PrivateKey)
 	if err != nil {
-		return nil, fmt.Errorf("service: %s: private_key: %w", s.store.Path(), err)
+		return fmt.Errorf("service: %s: private_key: %w", s.store.Path(), err)
 	}
 	gopts := opts.Gateway
-	gopts.Device = nil
 	gopts.WireGuard = &gateway.WireGuardOptions{PrivateKey: priv, ListenPort: opts.ListenPort}
 	if opts.ListenAddr.IsValid() && !opts.ListenAddr.IsUnspecified() {
 		gopts.WireGuard.Bind = wireguard.NewAddrBind(opts.ListenAddr)
@@ -162,7 +204,7 @@ func New(ctx context.Context, opts Options) (svc *Service, err error) {
 		gopts.Logger = opts.Logger
 	}
 	if s.gw, err = gateway.New(gopts); err != nil {
-		return nil, err
+		return err
 	}
 	for _, p := range s.st.Peers {
 		gp, err := gatewayPeer(p)
@@ -171,10 +213,10 @@ func New(ctx context.Context, opts Options) (svc *Service, err error) {
 		}
 		if err != nil {
 			s.gw.Close()
-			return nil, fmt.Errorf("service: %s: peer %q: %w", s.store.Path(), p.Name, err)
+			return fmt.Errorf("service: %s: peer %q: %w", s.store.Path(), p.Name, err)
 		}
 	}
-	return s, nil
+	return nil
 }
 
 // loadOrCreate loads the state, or makes a new one on first start. A
