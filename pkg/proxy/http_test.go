@@ -40,7 +40,7 @@ func startHTTPProxy(t testing.TB, opts proxy.HTTPOptions) (*proxy.HTTPServer, st
 		}
 		// Close waited for each connection's last state change; after
 		// it, net/http's goroutine only returns.
-		if stacks := proxyGoroutinesAfter(100 * time.Millisecond); stacks != "" {
+		if stacks := proxyGoroutinesAfter(time.Second); stacks != "" {
 			t.Errorf("goroutines of the proxy's after Close:\n%s", stacks)
 		}
 	})
