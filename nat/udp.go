@@ -81,6 +81,10 @@ type UDPStats struct {
 	Filtered  uint64 // datagrams from remotes that filtering refused
 	Refused   uint64 // datagrams from accepted remotes dropped because the table refused a flow
 	Truncated uint64 // datagrams larger than MaxDatagram, dropped
+	// Coalesced counts datagrams that left in UDP GSO sends (SendLater).
+	Coalesced uint64
+	// SendErrors counts SendLater's sends that the socket refused.
+	SendErrors uint64
 }
 
 // UDPMapper carries clients' UDP datagrams out through egress sockets and the
@@ -116,6 +120,14 @@ type UDPMapper struct {
 
 	nmaps                                atomic.Int64
 	opened, filtered, refused, truncated atomic.Uint64
+
+	// Mappings with datagrams that SendLater holds, until Flush.
+	pmu     sync.Mutex
+	pending []*udpMapping
+	// noGSO is set once the kernel refused UDP segmentation.
+	noGSO                 atomic.Bool
+	coalesced, sendErrors atomic.Uint64
+	lastErrLog            atomic.Int64
 }
 
 // udpMapping is one client source's egress socket and the destinations it
@@ -134,6 +146,8 @@ type udpMapping struct {
 	mu     sync.Mutex
 	closed bool
 	dests  map[netip.AddrPort]*udpDest // by remote, in the client's address family
+
+	batch udpBatch // what SendLater holds
 }
 
 // udpDest is one destination of a mapping, with its flow.
@@ -456,11 +470,13 @@ func sameFamily(ap netip.AddrPort, like netip.Addr) netip.AddrPort {
 // Stats returns the mapper's counters.
 func (u *UDPMapper) Stats() UDPStats {
 	return UDPStats{
-		Mappings:  int(u.nmaps.Load()),
-		Opened:    u.opened.Load(),
-		Filtered:  u.filtered.Load(),
-		Refused:   u.refused.Load(),
-		Truncated: u.truncated.Load(),
+		Mappings:   int(u.nmaps.Load()),
+		Opened:     u.opened.Load(),
+		Filtered:   u.filtered.Load(),
+		Refused:    u.refused.Load(),
+		Truncated:  u.truncated.Load(),
+		Coalesced:  u.coalesced.Load(),
+		SendErrors: u.sendErrors.Load(),
 	}
 }
 

@@ -47,6 +47,14 @@ type Handler interface {
 	HandleEcho(src, dst netip.Addr, id, seq uint16, payload []byte) error
 }
 
+// A Batcher is a Handler that may hold what it is handed (UDP datagrams,
+// say, to send a run of them at once) until the end of the batch of
+// packets they came in: the stack calls FlushBatch after each Write, on
+// the writer's goroutine, once every packet of the Write has been handled.
+type Batcher interface {
+	FlushBatch()
+}
+
 // SegmentCounter is an optional interface of the connections that
 // Handler.DialTCP returns. The stack reports through it, as increments,
 // the TCP packets that crossed the tunnel each way while the connection

@@ -220,7 +220,7 @@ func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 	if in == nil {
 		return len(bufs), nil
 	}
-	defer s.link.end(in)
+	defer s.flushBatch(in)
 	for _, buf := range bufs {
 		if offset > len(buf) {
 			s.malformed.Add(1)
@@ -264,6 +264,15 @@ func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 		s.link.deliver(in, header.IPv6ProtocolNumber, b, segs)
 	}
 	return len(bufs), nil
+}
+
+// flushBatch hands the stack what GRO still holds of a Write's packets,
+// then tells a Batcher handler that the batch is over.
+func (s *Stack) flushBatch(in *inbound) {
+	s.link.end(in)
+	if b, ok := s.opts.Handler.(Batcher); ok {
+		b.FlushBatch()
+	}
 }
 
 // Read implements tun.Device: it returns packets for the clients.

@@ -19,7 +19,10 @@ import (
 // first, then a table entry, then the egress socket.
 type handler Server
 
-var _ netstack.Handler = (*handler)(nil)
+var (
+	_ netstack.Handler = (*handler)(nil)
+	_ netstack.Batcher = (*handler)(nil)
+)
 
 // Why flows are refused, as counted in Stats and metrics.
 const (
@@ -130,11 +133,16 @@ func (h *handler) HandleUDP(src, dst netip.AddrPort, payload []byte) error {
 	if s.draining.Load() && h.table.Lookup(nat.Key{Proto: nat.UDP, Client: src, Dest: dst}) == nil {
 		return s.refuse(errDraining, netstack.RefuseHostUnreachable)
 	}
-	if err := h.udp.Send(peer, src, dst, payload); err != nil {
+	// Datagrams wait for the end of the tunnel's batch (FlushBatch), so
+	// that a run of them to one destination leaves in one UDP GSO send.
+	if err := h.udp.SendLater(peer, src, dst, payload); err != nil {
 		return s.refuse(err, netstack.RefuseHostUnreachable)
 	}
 	return nil
 }
+
+// FlushBatch implements netstack.Batcher.
+func (h *handler) FlushBatch() { h.udp.Flush() }
 
 func (h *handler) HandleEcho(src, dst netip.Addr, id, seq uint16, payload []byte) error {
 	s := (*Server)(h)
