@@ -47,6 +47,7 @@ import (
 	"go.uber.org/zap"
 	"golang.zx2c4.com/wireguard/conn"
 
+	"github.com/sluice-vpn/sluice/netstack"
 	"github.com/sluice-vpn/sluice/tunnel/wireguard"
 )
 
@@ -112,7 +113,9 @@ type Options struct {
 type Client struct {
 	log        *zap.Logger
 	listenPort int
-	ns         *netStack
+	ns         *netstack.Client
+	addrs      []netip.Addr // the tunnel addresses, IPv4 unmapped
+	has4, has6 bool         // whether there is an address of each family
 	dev        *wireguard.Device
 	dns        *resolver
 	routes     []netip.Prefix
@@ -219,8 +222,22 @@ func New(opts Options) (*Client, error) {
 		c.routes = append(c.routes, cp.AllowedIPs...)
 	}
 
-	if c.ns, err = newNetStack(iface.Addresses, c.routes, mtu); err != nil {
+	// The tunnel is the stack's only interface, and WireGuard has
+	// authenticated every packet on it.
+	c.ns, err = netstack.NewClient(netstack.ClientOptions{
+		Addrs:          iface.Addresses,
+		Routes:         c.routes,
+		MTU:            mtu,
+		TrustChecksums: true,
+		Logger:         log.Named("netstack"),
+	})
+	if err != nil {
 		return nil, fmt.Errorf("client: %w", err)
+	}
+	c.addrs = c.ns.Addrs()
+	for _, a := range c.addrs {
+		c.has4 = c.has4 || a.Is4()
+		c.has6 = c.has6 || a.Is6()
 	}
 	c.dev, err = wireguard.New(c.ns, wireguard.Options{
 		PrivateKey: iface.PrivateKey,
@@ -230,6 +247,7 @@ func New(opts Options) (*Client, error) {
 		Logger:     log,
 	})
 	if err != nil {
+		c.ns.Close() // the device may have failed before it took the stack over
 		return nil, fmt.Errorf("client: %w", err)
 	}
 	c.dns = &resolver{servers: slices.Clone(iface.DNS), dial: c.dialRouted}
@@ -644,7 +662,7 @@ func (c *Client) Peers() ([]PeerStatus, error) {
 func (c *Client) PublicKey() wireguard.Key { return c.dev.PublicKey() }
 
 // Addrs returns the client's own addresses inside the tunnel.
-func (c *Client) Addrs() []netip.Addr { return slices.Clone(c.ns.addrs) }
+func (c *Client) Addrs() []netip.Addr { return slices.Clone(c.addrs) }
 
 // ListenPort returns the UDP port the client's WireGuard sockets use now.
 func (c *Client) ListenPort() int { return c.dev.ListenPort() }

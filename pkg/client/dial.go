@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"syscall"
 	"time"
@@ -42,8 +43,7 @@ func (c *Client) Dial(network, address string) (net.Conn, error) {
 // refused or unreachable destination wrap ECONNREFUSED, EHOSTUNREACH and
 // so on, as the host's would.
 //
-// The connections are *gonet.TCPConn and *gonet.UDPConn from gVisor; TCP
-// connections have CloseWrite.
+// TCP connections have CloseWrite and CloseRead, as a *net.TCPConn does.
 func (c *Client) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	proto, family, err := splitNetwork(network)
 	if err != nil {
@@ -187,9 +187,9 @@ func (c *Client) dialAddr(ctx context.Context, proto string, dst netip.AddrPort)
 		return nil, err
 	}
 	if proto == "udp" {
-		return c.ns.dialUDP(dst)
+		return c.ns.DialUDP(dst)
 	}
-	return c.ns.dialTCP(ctx, dst)
+	return c.ns.DialTCP(ctx, dst)
 }
 
 // dialRouted connects to an address literal, as the resolver needs.
@@ -197,16 +197,29 @@ func (c *Client) dialRouted(ctx context.Context, proto string, dst netip.AddrPor
 	if !c.routable(dst.Addr()) {
 		return nil, &errNoRoute{dst.Addr()}
 	}
-	if !c.ns.hasFamily(dst.Addr()) {
+	if !c.hasFamily(dst.Addr()) {
 		return nil, fmt.Errorf("the tunnel has no address of %s's family", dst.Addr())
 	}
 	return c.dialAddr(ctx, proto, dst)
 }
 
+// hasFamily reports whether the tunnel has an address of a's family.
+func (c *Client) hasFamily(a netip.Addr) bool {
+	if a.Is4() {
+		return c.has4
+	}
+	return c.has6
+}
+
+// isLocal reports whether a is one of the client's tunnel addresses.
+func (c *Client) isLocal(a netip.Addr) bool {
+	return slices.Contains(c.addrs, a)
+}
+
 // routable reports whether packets to a go into the tunnel: to one of the
 // client's own addresses, or to a peer that allows it.
 func (c *Client) routable(a netip.Addr) bool {
-	if c.ns.isLocal(a) {
+	if c.isLocal(a) {
 		return true
 	}
 	for _, r := range c.routes {
@@ -271,13 +284,13 @@ func (c *Client) resolveForDial(ctx context.Context, family int, host string) ([
 		if family == 4 && !a.Is4() || family == 6 && !a.Is6() {
 			return nil, &net.AddrError{Err: "address of the wrong family for the network", Addr: host}
 		}
-		if !c.ns.hasFamily(a) {
+		if !c.hasFamily(a) {
 			return nil, &net.AddrError{Err: "the tunnel has no address of this family", Addr: host}
 		}
 		return []netip.Addr{a}, nil
 	}
-	want4 := family != 6 && c.ns.has4
-	want6 := family != 4 && c.ns.has6
+	want4 := family != 6 && c.has4
+	want6 := family != 4 && c.has6
 	if !want4 && !want6 {
 		return nil, &net.AddrError{Err: fmt.Sprintf("the tunnel has no IPv%d address", family), Addr: host}
 	}

@@ -4,11 +4,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"sync"
 	"sync/atomic"
 	"syscall"
-
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 )
 
 // Listen listens for TCP connections on the client's tunnel address, as
@@ -29,11 +26,11 @@ func (c *Client) Listen(network, address string) (net.Listener, error) {
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
 	}
-	ln, err := c.ns.listenTCP(ap, dual)
+	ln, err := c.ns.ListenTCP(ap, dual)
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Addr: net.TCPAddrFromAddrPort(ap), Err: err}
 	}
-	return &listener{ln: ln, network: network, bound: ap.Addr()}, nil
+	return &listener{Listener: ln, network: network}, nil
 }
 
 // ListenPacket opens a UDP socket on the client's tunnel address, as
@@ -52,11 +49,11 @@ func (c *Client) ListenPacket(network, address string) (net.PacketConn, error) {
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
 	}
-	pc, err := c.ns.listenUDP(ap, dual)
+	pc, err := c.ns.ListenUDP(ap, dual)
 	if err != nil {
 		return nil, &net.OpError{Op: "listen", Net: network, Addr: net.UDPAddrFromAddrPort(ap), Err: err}
 	}
-	return &packetConn{UDPConn: pc, c: c, v6: ap.Addr().Is6(), network: network, bound: ap.Addr()}, nil
+	return &packetConn{PacketConn: pc, c: c, v6: ap.Addr().Is6(), network: network}, nil
 }
 
 // localAddr parses a listening address: HOST must be empty, unspecified or
@@ -79,44 +76,41 @@ func (c *Client) localAddr(proto string, family int, address string) (ap netip.A
 		if family == 4 && !a.Is4() || family == 6 && !a.Is6() {
 			return netip.AddrPort{}, false, &net.AddrError{Err: "address of the wrong family for the network", Addr: host}
 		}
-		if !a.IsUnspecified() && !c.ns.isLocal(a) {
-			return netip.AddrPort{}, false, fmt.Errorf("%s is not one of the tunnel's addresses %v: %w", a, c.ns.addrs, syscall.EADDRNOTAVAIL)
+		if !a.IsUnspecified() && !c.isLocal(a) {
+			return netip.AddrPort{}, false, fmt.Errorf("%s is not one of the tunnel's addresses %v: %w", a, c.addrs, syscall.EADDRNOTAVAIL)
 		}
 	}
 	switch {
-	case a.IsValid() && !c.ns.hasFamily(a):
+	case a.IsValid() && !c.hasFamily(a):
 		return netip.AddrPort{}, false, &net.AddrError{Err: "the tunnel has no address of this family", Addr: host}
 	case a.IsValid():
 		// A specific address, or the unspecified address of one family.
-	case family == 4 || family == 0 && !c.ns.has6:
-		if !c.ns.has4 {
+	case family == 4 || family == 0 && !c.has6:
+		if !c.has4 {
 			return netip.AddrPort{}, false, &net.AddrError{Err: "the tunnel has no IPv4 address", Addr: address}
 		}
 		a = netip.IPv4Unspecified()
 	default:
-		if !c.ns.has6 {
+		if !c.has6 {
 			return netip.AddrPort{}, false, &net.AddrError{Err: "the tunnel has no IPv6 address", Addr: address}
 		}
 		a = netip.IPv6Unspecified()
-		dual = family == 0 && c.ns.has4
+		dual = family == 0 && c.has4
 	}
 	return netip.AddrPortFrom(a, port), dual, nil
 }
 
-// listener is a gonet listener whose Accept reports net.ErrClosed after
-// Close, as a net.Listener's does, so that servers stop cleanly.
+// listener is the stack's listener with errors that name the network
+// Listen was given, as the net package's do.
 type listener struct {
-	ln      *gonet.TCPListener
+	net.Listener
 	network string
-	bound   netip.Addr // as asked for, maybe unspecified
-
-	once   sync.Once
-	closed atomic.Bool
+	closed  atomic.Bool
 }
 
 // Accept implements net.Listener.
 func (l *listener) Accept() (net.Conn, error) {
-	c, err := l.ln.Accept()
+	c, err := l.Listener.Accept()
 	if err != nil {
 		if l.closed.Load() {
 			return nil, &net.OpError{Op: "accept", Net: l.network, Addr: l.Addr(), Err: net.ErrClosed}
@@ -128,51 +122,18 @@ func (l *listener) Accept() (net.Conn, error) {
 
 // Close implements net.Listener.
 func (l *listener) Close() error {
-	l.once.Do(func() {
-		l.closed.Store(true)
-		// Shutdown wakes an Accept that is waiting; Close frees the port.
-		l.ln.Shutdown()
-		l.ln.Close()
-	})
-	return nil
+	l.closed.Store(true)
+	return l.Listener.Close()
 }
 
-// Addr implements net.Listener. An unspecified address is named, as the
-// net package names it ("[::]:8080"), rather than left out.
-func (l *listener) Addr() net.Addr {
-	a, _ := l.ln.Addr().(*net.TCPAddr)
-	if a == nil {
-		return &net.TCPAddr{IP: l.bound.AsSlice()}
-	}
-	if len(a.IP) == 0 {
-		return &net.TCPAddr{IP: l.bound.AsSlice(), Port: a.Port}
-	}
-	return a
-}
-
-// packetConn is a gonet UDP socket that takes the addresses the net
-// package gives (IPv4 in 16 bytes included), refuses destinations outside
-// the tunnel's routes, and reports IPv4 senders as IPv4 on a dual-stack
-// socket.
+// packetConn is the stack's UDP socket that refuses destinations outside
+// the tunnel's routes, with errors that name the network ListenPacket was
+// given.
 type packetConn struct {
-	*gonet.UDPConn
+	net.PacketConn
 	c       *Client
 	v6      bool
 	network string
-	bound   netip.Addr // as asked for, maybe unspecified
-}
-
-// LocalAddr implements net.PacketConn, naming an unspecified address as
-// Listener.Addr does.
-func (p *packetConn) LocalAddr() net.Addr {
-	a, _ := p.UDPConn.LocalAddr().(*net.UDPAddr)
-	if a == nil {
-		return &net.UDPAddr{IP: p.bound.AsSlice()}
-	}
-	if len(a.IP) == 0 {
-		return &net.UDPAddr{IP: p.bound.AsSlice(), Port: a.Port}
-	}
-	return a
 }
 
 // WriteTo implements net.PacketConn.
@@ -181,27 +142,13 @@ func (p *packetConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	if !ok {
 		return 0, &net.OpError{Op: "write", Net: p.network, Addr: addr, Err: syscall.EINVAL}
 	}
-	dst := ua.AddrPort()
-	a := dst.Addr().Unmap()
+	a := ua.AddrPort().Addr().Unmap()
 	switch {
 	case !p.c.routable(a):
 		return 0, &net.OpError{Op: "write", Net: p.network, Addr: addr, Err: &errNoRoute{a}}
 	case a.Is6() && !p.v6:
 		return 0, &net.OpError{Op: "write", Net: p.network, Addr: addr, Err: syscall.EAFNOSUPPORT}
-	case a.Is4() && p.v6:
-		// A dual-stack socket takes IPv4 destinations in mapped form.
-		a = netip.AddrFrom16(a.As16())
 	}
-	return p.UDPConn.WriteTo(b, &net.UDPAddr{IP: a.AsSlice(), Port: int(dst.Port())})
-}
-
-// ReadFrom implements net.PacketConn.
-func (p *packetConn) ReadFrom(b []byte) (int, net.Addr, error) {
-	n, addr, err := p.UDPConn.ReadFrom(b)
-	if ua, ok := addr.(*net.UDPAddr); ok {
-		if ip4 := ua.IP.To4(); ip4 != nil {
-			addr = &net.UDPAddr{IP: ip4, Port: ua.Port}
-		}
-	}
-	return n, addr, err
+	// The stack's socket takes IPv4 destinations in either form.
+	return p.PacketConn.WriteTo(b, addr)
 }
