@@ -442,10 +442,10 @@ func (c *Client) ListenTCP(addr netip.AddrPort, dualStack bool) (net.Listener, e
 // are as for ListenTCP, and so are the errors.
 //
 // The socket takes the addresses the net package gives: WriteTo wants a
-// *net.UDPAddr, takes IPv4 destinations in either form on a dual-stack
-// socket and refuses IPv6 ones on an IPv4 socket with EAFNOSUPPORT;
-// ReadFrom reports IPv4 senders in 4-byte form; LocalAddr names an
-// unspecified address.
+// *net.UDPAddr, takes IPv4 destinations in either form (4 or 16 bytes)
+// and refuses IPv6 ones on an IPv4 socket with EAFNOSUPPORT. ReadFrom
+// reports IPv4 senders in 4-byte form, also on a dual-stack socket.
+// LocalAddr names an unspecified address, as Listener.Addr does.
 func (c *Client) ListenUDP(addr netip.AddrPort, dualStack bool) (net.PacketConn, error) {
 	if c.ctx.Err() != nil {
 		return nil, net.ErrClosed
@@ -467,9 +467,9 @@ func (c *Client) ListenUDP(addr netip.AddrPort, dualStack bool) (net.PacketConn,
 	return &udpPacketConn{UDPConn: gonet.NewUDPConn(&wq, ep), v6: bound.Is6(), bound: bound}, nil
 }
 
-// tcpListener is a gonet listener with the net package's behaviour after
-// Close: gonet's Close alone neither wakes a blocked Accept nor makes it
-// report net.ErrClosed, so servers would not stop cleanly.
+// tcpListener is a gonet listener whose Accept reports net.ErrClosed
+// after Close, as a net.Listener's does, so that servers (net/http's)
+// stop cleanly; gonet's reports gVisor's text.
 type tcpListener struct {
 	ln     *gonet.TCPListener
 	bound  netip.Addr // as asked for, maybe unspecified
@@ -512,9 +512,9 @@ func (l *tcpListener) Addr() net.Addr {
 	return a
 }
 
-// udpPacketConn is a gonet UDP socket that speaks the net package's
-// addresses; gVisor wants IPv4 in mapped form on an IPv6 socket and
-// reports it so.
+// udpPacketConn is a gonet UDP socket that takes destinations as the net
+// package's sockets do: an IPv6 destination on an IPv4 socket is refused,
+// where gVisor would send it from an IPv4 socket bound to 0.0.0.0.
 type udpPacketConn struct {
 	*gonet.UDPConn
 	v6    bool       // an IPv6 socket, maybe dual-stack
@@ -541,24 +541,10 @@ func (p *udpPacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	}
 	dst := ua.AddrPort()
 	a := dst.Addr().Unmap()
-	switch {
-	case a.Is6() && !p.v6:
+	if a.Is6() && !p.v6 {
 		return 0, &net.OpError{Op: "write", Net: "udp", Addr: addr, Err: syscall.EAFNOSUPPORT}
-	case a.Is4() && p.v6:
-		a = netip.AddrFrom16(a.As16())
 	}
 	return p.UDPConn.WriteTo(b, &net.UDPAddr{IP: a.AsSlice(), Port: int(dst.Port())})
-}
-
-// ReadFrom implements net.PacketConn.
-func (p *udpPacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
-	n, addr, err := p.UDPConn.ReadFrom(b)
-	if ua, ok := addr.(*net.UDPAddr); ok {
-		if ip4 := ua.IP.To4(); ip4 != nil {
-			addr = &net.UDPAddr{IP: ip4, Port: ua.Port}
-		}
-	}
-	return n, addr, err
 }
 
 // errnoOf maps a gVisor error to the errno the kernel reports in the same
