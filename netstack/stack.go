@@ -53,6 +53,14 @@ type Options struct {
 	// authenticated every packet, as WireGuard does.
 	TrustChecksums bool
 
+	// RelayBufferSize is the size of the buffer a TCP relay copies through
+	// [32 KiB]: one read of the upstream socket and one write into the
+	// stack each. Only connections with data in hand hold one. Larger
+	// buffers save system calls per byte; over WireGuard, 64 KiB bursts
+	// halved downloads on the bench, while a TUN device with offloads
+	// gained from them.
+	RelayBufferSize int
+
 	// VirtioNetHdr puts a virtio_net_hdr (VirtioNetHdrLen bytes, as
 	// linux/virtio_net.h defines it) in front of every packet that Read
 	// returns and Write takes, as a Linux TUN device opened with
@@ -93,6 +101,12 @@ func (o *Options) setDefaults() error {
 	}
 	if o.QueueLen < 0 {
 		return fmt.Errorf("netstack: Options.QueueLen: %d is negative", o.QueueLen)
+	}
+	if o.RelayBufferSize == 0 {
+		o.RelayBufferSize = 32 << 10
+	}
+	if o.RelayBufferSize < 1<<10 || o.RelayBufferSize > 1<<20 {
+		return fmt.Errorf("netstack: Options.RelayBufferSize: %d is outside 1 KiB-1 MiB", o.RelayBufferSize)
 	}
 	if o.ICMPErrorRate == 0 {
 		o.ICMPErrorRate = 1000

@@ -33,6 +33,10 @@ type tcpForwarder struct {
 	closing bool
 	wg      sync.WaitGroup
 
+	// bufs are the relays' copy buffers, taken only by a relay with data
+	// in hand: idle connections hold none.
+	bufs sync.Pool
+
 	inFlightDrops atomic.Uint64
 	refused       atomic.Uint64
 }
@@ -43,6 +47,8 @@ func newTCPForwarder(s *Stack) *tcpForwarder {
 		syns:   make(map[stack.TransportEndpointID][]byte),
 		relays: make(map[*relay]struct{}),
 	}
+	size := s.opts.RelayBufferSize
+	f.bufs.New = func() any { b := make([]byte, size); return &b }
 	// The wrapper enforces the in-flight bound; gVisor's own bound only
 	// backs it up.
 	f.fwd = tcp.NewForwarder(s.stack, 0, s.opts.MaxInFlight+1, f.handleRequest)
@@ -142,7 +148,7 @@ func (f *tcpForwarder) handleRequest(r *tcp.ForwarderRequest) {
 
 	key := connKey{client: src, server: dst}
 	rl := &relay{client: gonet.NewTCPConn(&wq, ep), ep: ep, wq: &wq, upstream: upstream,
-		counts: f.s.link.counts.register(key)}
+		bufs: &f.bufs, counts: f.s.link.counts.register(key)}
 	if !f.track(rl) {
 		f.s.link.counts.unregister(key)
 		f.forget(id)
@@ -212,6 +218,7 @@ type relay struct {
 	ep       tcpip.Endpoint
 	wq       *waiter.Queue
 	upstream net.Conn
+	bufs     *sync.Pool // of *[]byte, Options.RelayBufferSize each
 
 	// Packets counted at the link, and those reported so far.
 	counts                  *packetCounts
@@ -219,13 +226,6 @@ type relay struct {
 
 	abortOnce sync.Once
 }
-
-// relayBufSize is the size of each copy: a GSO segment's worth, so that a
-// bulk transfer costs one system call and one pass through gVisor's TCP
-// per 64 KiB. Only flows with data in hand hold one.
-const relayBufSize = 32 << 10
-
-var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
 
 type closeWriter interface{ CloseWrite() error }
 
@@ -321,7 +321,7 @@ func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, count
 	var bp *[]byte
 	defer func() {
 		if bp != nil {
-			relayBufs.Put(bp)
+			rl.bufs.Put(bp)
 		}
 	}()
 	for {
@@ -329,7 +329,7 @@ func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, count
 			if err := readable(); err != nil {
 				return err
 			}
-			bp = relayBufs.Get().(*[]byte)
+			bp = rl.bufs.Get().(*[]byte)
 		}
 		n, err := src.Read(*bp)
 		if n > 0 {
@@ -339,7 +339,7 @@ func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, count
 			report()
 		}
 		if n < len(*bp) {
-			relayBufs.Put(bp)
+			rl.bufs.Put(bp)
 			bp = nil
 		}
 		if errors.Is(err, io.EOF) {

@@ -173,15 +173,23 @@ func New(opts Options) (srv *Server, err error) {
 	if s.limiter, err = nat.NewLimiter(opts.Limits); err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
+	virtio := hasVirtioNetHdr(opts.Device)
+	relayBuf := 0 // the stack's default
+	if virtio {
+		// With TCP offload on the TUN device, 64 KiB copies become 64
+		// KiB segments each way; see RelayBufferSize.
+		relayBuf = 64 << 10
+	}
 	s.stack, err = netstack.New(netstack.Options{
 		Handler:     (*handler)(s),
 		MTU:         opts.MTU,
 		MaxInFlight: opts.MaxInFlight,
 		// WireGuard authenticates every packet: a checksum could only be
 		// wrong if the peer made it so, for its own flows.
-		TrustChecksums: opts.WireGuard != nil,
-		VirtioNetHdr:   hasVirtioNetHdr(opts.Device),
-		Logger:         log.Named("netstack"),
+		TrustChecksums:  opts.WireGuard != nil,
+		VirtioNetHdr:    virtio,
+		RelayBufferSize: relayBuf,
+		Logger:          log.Named("netstack"),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
