@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -21,12 +22,18 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/sluice-vpn/sluice/pkg/admin"
 )
 
 // The end-to-end topology: three network namespaces that this test creates
@@ -50,7 +57,8 @@ const (
 	e2eUDPEchoPort  = 7
 	e2eBlobSize     = 1 << 20
 	e2eHelperEnv    = "SLUICE_E2E_HELPER"
-	e2eRefuseWithin = 3 * time.Second // "quickly": far below TCP's SYN retry timeout
+	e2eRefuseWithin = 3 * time.Second  // "quickly": far below TCP's SYN retry timeout
+	e2eAdminAddr    = "127.0.0.1:9090" // sluice's --admin, inside G's namespace
 )
 
 // e2eFamily holds one address family's addresses in the topology.
@@ -92,7 +100,10 @@ func (f e2eFamily) serverNet() string { return netip.PrefixFrom(f.server, f.bits
 // TestServeTUNEndToEnd runs `sluice serve --tun` in a gateway namespace
 // between a client and a server namespace and checks that TCP, UDP and ping
 // from the client reach the server only through sluice's egress sockets,
-// and that refusals come back the way a real network gives them.
+// and that refusals come back the way a real network gives them. The
+// operator's side works as in WireGuard mode: sluice flows, status and
+// flows delete through the state directory's control socket, /metrics,
+// reload, and the admin API on --admin.
 func TestServeTUNEndToEnd(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("serve --tun end-to-end: needs root to create network namespaces and a TUN device; skipping")
@@ -111,8 +122,11 @@ func TestServeTUNEndToEnd(t *testing.T) {
 
 	topo := newE2ETopology(t, ctx)
 	fams := e2eFamilies()
+	stateDir := filepath.Join(t.TempDir(), "state")
+	sock := filepath.Join(stateDir, "sluice.sock")
 
-	args := []string{"serve", "--tun", e2eTUN, "--egress-ports", fmt.Sprintf("%d-%d", e2eEgressLo, e2eEgressHi), "--log-level", "debug"}
+	args := []string{"serve", "--tun", e2eTUN, "--egress-ports", fmt.Sprintf("%d-%d", e2eEgressLo, e2eEgressHi), "--log-level", "debug",
+		"--state", stateDir, "--admin", e2eAdminAddr}
 	for _, f := range fams {
 		args = append(args,
 			"--egress-addr", f.gwServer.String(),
@@ -122,6 +136,7 @@ func TestServeTUNEndToEnd(t *testing.T) {
 	}
 	gw := e2eStartSluice(t, topo.g, bin, args...)
 	gw.waitUp(t, ctx, topo.g, e2eTUN, 20*time.Second)
+	wgeWaitControlSocket(t, gw, sock, 20*time.Second)
 	topo.routeIntoTUN(t, ctx, e2eTUN)
 
 	var tcpListen, udpListen []string
@@ -249,6 +264,10 @@ func TestServeTUNEndToEnd(t *testing.T) {
 				}
 			})
 
+			t.Run("FlowListedAndDeleted", func(t *testing.T) {
+				e2eFlowListedAndDeleted(t, ctx, topo, bin, stateDir, f)
+			})
+
 			t.Run("UDPDeniedUnreachable", func(t *testing.T) {
 				dst := netip.AddrPortFrom(f.server, e2eDeniedPort).String()
 				out := e2eRunHelper(t, ctx, topo.c, 15*time.Second, "udp-refused", dst)
@@ -289,6 +308,10 @@ func TestServeTUNEndToEnd(t *testing.T) {
 		}
 	})
 
+	t.Run("AdminAPI", func(t *testing.T) {
+		e2eAdminAPI(t, ctx, topo, bin, sock)
+	})
+
 	t.Run("SIGTERMExitsCleanly", func(t *testing.T) {
 		if err := gw.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 			t.Fatalf("signal sluice: %v", err)
@@ -301,7 +324,186 @@ func TestServeTUNEndToEnd(t *testing.T) {
 		if gw.waitErr != nil {
 			t.Errorf("sluice after SIGTERM: %v, want exit status 0", gw.waitErr)
 		}
+		if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("control socket %s after exit: %v, want it removed", sock, err)
+		}
 	})
+}
+
+// e2eFlowListedAndDeleted opens a TCP connection from C that carries the
+// 1 MiB blob and stays open (HTTP keep-alive); sluice flows lists it with
+// its bytes, sluice status counts it, and sluice flows delete closes the
+// client's connection.
+func e2eFlowListedAndDeleted(t *testing.T, ctx context.Context, topo *e2eTopology, bin, stateDir string, f e2eFamily) {
+	server := netip.AddrPortFrom(f.server, e2eHTTPPort)
+	hold := e2eStartHelper(t, topo.c, "tcp-hold", server.String(), "15s")
+	hold.waitReady(t, 15*time.Second)
+	var client netip.AddrPort
+	for _, l := range hold.outputLines() {
+		if s, ok := strings.CutPrefix(l, "local "); ok {
+			a, _, _ := strings.Cut(s, " ")
+			if ap, err := netip.ParseAddrPort(a); err == nil {
+				client = e2eUnmapPort(ap)
+			}
+		}
+	}
+	if client.Addr() != f.client {
+		t.Fatalf("tcp-hold reported its address as %v (output %q), want one of %s", client, hold.outputLines(), f.client)
+	}
+
+	filter := []string{"--state", stateDir, "-p", "tcp", "--dest", f.server.String(), "--port", strconv.Itoa(e2eHTTPPort)}
+	flow, ok := e2eFindFlow(t, ctx, topo, bin, filter, client)
+	if !ok {
+		t.Fatalf("sluice flows does not list the open connection from %s to %s", client, server)
+	}
+	if flow.Dest != server || flow.ReplyBytes < e2eBlobSize || flow.OrigBytes == 0 || flow.Peer != "" {
+		t.Errorf("flow %+v: want destination %s, no peer, a request sent and at least %d bytes received", flow, server, e2eBlobSize)
+	}
+	table, stderr, _, err := wgeSluice(ctx, topo.g, 10*time.Second, bin, append([]string{"flows"}, filter...)...)
+	if err != nil {
+		t.Fatalf("sluice flows: %v: %s", err, stderr)
+	}
+	if !strings.Contains(string(table), client.String()) || !strings.Contains(string(table), server.String()) {
+		t.Errorf("sluice flows' table lacks the flow %s -> %s:\n%s", client, server, table)
+	}
+
+	out, stderr, _, err := wgeSluice(ctx, topo.g, 10*time.Second, bin, "status", "--state", stateDir, "-o", "json")
+	if err != nil {
+		t.Fatalf("sluice status -o json: %v: %s", err, stderr)
+	}
+	var st admin.Status
+	if err := json.Unmarshal(out, &st); err != nil {
+		t.Fatalf("sluice status -o json: %v\n%s", err, out)
+	}
+	if st.Mode != "tun" || st.Device != e2eTUN || st.Flows < 1 || len(st.Peers) != 0 || st.PublicKey != "" {
+		t.Errorf("sluice status -o json: %s; want mode tun, device %s, at least 1 flow, no peers, no key", out, e2eTUN)
+	}
+	out, stderr, _, err = wgeSluice(ctx, topo.g, 10*time.Second, bin, "status", "--state", stateDir)
+	if err != nil {
+		t.Fatalf("sluice status: %v: %s", err, stderr)
+	}
+	if !strings.Contains(string(out), "mode: tun") || !strings.Contains(string(out), "device: "+e2eTUN) {
+		t.Errorf("sluice status does not show the mode and the device:\n%s", out)
+	}
+
+	// The connection is idle and open: only the deletion can end it.
+	select {
+	case <-hold.exited:
+		t.Fatalf("the held connection ended before the flow was deleted: %q", hold.outputLines())
+	default:
+	}
+	start := time.Now()
+	out, stderr, _, err = wgeSluice(ctx, topo.g, 10*time.Second, bin, "flows", "delete", strconv.FormatUint(flow.ID, 10), "--state", stateDir)
+	if err != nil || strings.TrimSpace(string(out)) != "deleted 1 flows" {
+		t.Fatalf("sluice flows delete %d: %q %v: %s", flow.ID, out, err, stderr)
+	}
+	select {
+	case <-hold.exited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the client's connection still open 10s after its flow was deleted")
+	}
+	lines := hold.outputLines()
+	last := ""
+	if len(lines) > 0 {
+		last = lines[len(lines)-1]
+	}
+	t.Logf("the client saw its connection end (%s) %v after sluice flows delete began", last, time.Since(start).Round(time.Millisecond))
+	if hold.waitErr != nil || !strings.HasPrefix(last, "closed ") || strings.Contains(last, "timeout") {
+		t.Errorf("tcp-hold after the deletion: %q, %v; want the connection closed (EOF or a reset), not a timeout", lines, hold.waitErr)
+	}
+	if _, ok := e2eFindFlow(t, ctx, topo, bin, filter, client); ok {
+		t.Errorf("sluice flows still lists the deleted flow %d", flow.ID)
+	}
+}
+
+// e2eFindFlow runs sluice flows -o json with args and returns the flow
+// from client.
+func e2eFindFlow(t *testing.T, ctx context.Context, topo *e2eTopology, bin string, args []string, client netip.AddrPort) (admin.FlowInfo, bool) {
+	t.Helper()
+	out, stderr, _, err := wgeSluice(ctx, topo.g, 10*time.Second, bin, append([]string{"flows", "-o", "json"}, args...)...)
+	if err != nil {
+		t.Fatalf("sluice flows -o json: %v: %s", err, stderr)
+	}
+	var flows []admin.FlowInfo
+	if err := json.Unmarshal(out, &flows); err != nil {
+		t.Fatalf("sluice flows -o json: %v\n%s", err, out)
+	}
+	for _, fl := range flows {
+		if e2eUnmapPort(fl.Client) == client {
+			return fl, true
+		}
+	}
+	return admin.FlowInfo{}, false
+}
+
+// e2eAdminAPI checks the rest of the admin API of the TUN gateway:
+// metrics, health, the configuration and its reload over the control
+// socket, and status over --admin inside G.
+func e2eAdminAPI(t *testing.T, ctx context.Context, topo *e2eTopology, bin, sock string) {
+	hc := &http.Client{
+		Timeout: 10 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		}},
+	}
+	defer hc.CloseIdleConnections()
+	get := func(path string) (int, []byte) {
+		t.Helper()
+		resp, err := hc.Get("http://sluice" + path)
+		if err != nil {
+			t.Fatalf("GET %s on %s: %v", path, sock, err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		return resp.StatusCode, body
+	}
+
+	code, body := get("/metrics")
+	if code != http.StatusOK {
+		t.Fatalf("GET /metrics: %d %s", code, body)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(bytes.NewReader(body))
+	if err != nil {
+		t.Fatalf("/metrics: %v", err)
+	}
+	created := 0.0
+	if mf, ok := families["sluice_flows_created_total"]; ok {
+		for _, m := range mf.GetMetric() {
+			created += m.GetCounter().GetValue()
+		}
+	}
+	if created <= 0 {
+		t.Errorf("/metrics: sluice_flows_created_total is %v, want more than 0 after the flows above", created)
+	}
+	for _, path := range []string{"/healthz", "/readyz"} {
+		if code, body := get(path); code != http.StatusOK {
+			t.Errorf("GET %s: %d %s", path, code, body)
+		}
+	}
+	if code, body := get("/v1/config"); code != http.StatusOK || !strings.Contains(string(body), e2eTUN) {
+		t.Errorf("GET /v1/config: %d, want the running configuration, which names %s:\n%s", code, e2eTUN, body)
+	}
+	c := admin.NewUnixClient(sock)
+	if err := c.Reload(ctx); err != nil {
+		t.Errorf("POST /v1/reload: %v", err)
+	}
+	if _, err := c.Peers(ctx); err == nil || !strings.Contains(err.Error(), "TUN") {
+		t.Errorf("GET /v1/peers of a TUN gateway: %v, want an error that says TUN mode has no peers", err)
+	}
+
+	out, stderr, _, err := wgeSluice(ctx, topo.g, 10*time.Second, bin, "status", "--admin", e2eAdminAddr, "-o", "json")
+	if err != nil {
+		t.Fatalf("sluice status --admin %s: %v: %s", e2eAdminAddr, err, stderr)
+	}
+	var st admin.Status
+	if err := json.Unmarshal(out, &st); err != nil || st.Mode != "tun" || st.Device != e2eTUN {
+		t.Errorf("sluice status --admin %s -o json: %v\n%s", e2eAdminAddr, err, out)
+	}
 }
 
 // e2eKeys lists m's addresses for messages.
@@ -687,6 +889,13 @@ func (p *e2eProc) waitReady(t *testing.T, timeout time.Duration) {
 // e2eFlow is one flow a helper server reported.
 type e2eFlow struct{ local, remote netip.AddrPort }
 
+// outputLines returns what p has printed so far, but "ready".
+func (p *e2eProc) outputLines() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.lines)
+}
+
 // flows returns the flows a helper server reported ("peer LOCAL REMOTE").
 func (p *e2eProc) flows() []e2eFlow {
 	p.mu.Lock()
@@ -857,6 +1066,8 @@ func TestServeTUNHelperProcess(t *testing.T) {
 		err = e2eHelperUDPRefused(args)
 	case "ping":
 		err = e2eHelperPing(args)
+	case "tcp-hold":
+		err = e2eHelperTCPHold(args)
 	case "dns-server": // serve_wireguard_test.go
 		err = e2eHelperDNSServer(args)
 	case "dns-query":
@@ -1051,6 +1262,53 @@ func e2eErrno(err error) string {
 		}
 	}
 	return fmt.Sprintf("errno%d", int(en))
+}
+
+// e2eHelperTCPHold fetches /blob from the HTTP server at args[0] on one
+// connection, prints "local ADDR bytes=N" and "ready", then keeps the
+// connection open (HTTP keep-alive) until it ends, and prints how:
+// "closed eof", "closed errno=NAME ..." or, after args[1], "closed timeout".
+func e2eHelperTCPHold(args []string) error {
+	if len(args) != 2 {
+		return errors.New("want ADDR TIMEOUT")
+	}
+	timeout, err := time.ParseDuration(args[1])
+	if err != nil {
+		return err
+	}
+	c, err := net.DialTimeout("tcp", args[0], 8*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	if _, err := io.WriteString(c, "GET /blob HTTP/1.1\r\nHost: sluice-e2e\r\n\r\n"); err != nil {
+		return err
+	}
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return err
+	}
+	n, err := io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		return fmt.Errorf("read body after %d bytes: %w", n, err)
+	}
+	fmt.Printf("local %s bytes=%d\n", c.LocalAddr(), n)
+	fmt.Println("ready")
+	_, err = br.ReadByte()
+	switch {
+	case err == nil:
+		fmt.Println("closed never: the server sent more")
+	case errors.Is(err, io.EOF):
+		fmt.Println("closed eof")
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		fmt.Println("closed timeout")
+	default:
+		fmt.Printf("closed errno=%s msg=%q\n", e2eErrno(err), err.Error())
+	}
+	return nil
 }
 
 // e2eHelperTCPDial connects to args[0] and prints how that went.
