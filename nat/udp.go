@@ -67,9 +67,10 @@ type UDPOptions struct {
 	// counted in UDPStats.Truncated.
 	MaxDatagram int
 	// Admit, if set, is asked before each new flow (a client source and a
-	// destination it has not talked to yet) and its release is called when
-	// the flow ends: a peer's limits apply to UDP flows as to TCP.
-	Admit func(peer string) (release func(), err error)
+	// destination it has not talked to yet), with the peer and the client
+	// source that Send was given, and its release is called when the flow
+	// ends: a peer's limits apply to UDP flows as to TCP.
+	Admit func(peer string, client netip.AddrPort) (release func(), err error)
 	// Logger receives rare, mapping-level messages. Nil means none.
 	Logger *zap.Logger
 }
@@ -102,7 +103,7 @@ type UDPMapper struct {
 	table     *Table
 	filtering Filtering
 	deliver   func(src, dst netip.AddrPort, payload []byte)
-	admit     func(peer string) (release func(), err error)
+	admit     func(peer string, client netip.AddrPort) (release func(), err error)
 	maxDgram  int
 	log       *zap.Logger
 
@@ -334,7 +335,7 @@ func (m *udpMapping) flowTo(dst netip.AddrPort) (*Flow, error) {
 func (m *udpMapping) addDestLocked(remote netip.AddrPort) (*udpDest, error) {
 	d := &udpDest{remote: remote}
 	if admit := m.u.admit; admit != nil {
-		release, err := admit(m.peer)
+		release, err := admit(m.peer, m.client)
 		if err != nil {
 			return nil, err
 		}

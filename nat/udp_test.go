@@ -706,7 +706,12 @@ func TestUDPAdmit(t *testing.T) {
 	}
 	srv1 := startUDPServer(t, "udp4", "127.0.0.1:0")
 	srv2 := startUDPServer(t, "udp4", "127.0.0.1:0")
-	f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{}, func(o *UDPOptions) { o.Admit = lim.Admit })
+	var asked []netip.AddrPort
+	admit := func(peer string, client netip.AddrPort) (func(), error) {
+		asked = append(asked, client)
+		return lim.Admit(peer)
+	}
+	f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{}, func(o *UDPOptions) { o.Admit = admit })
 	if err := f.udp.Send("p", client1, srv1.addr, []byte("a")); err != nil {
 		t.Fatal(err)
 	}
@@ -719,5 +724,9 @@ func TestUDPAdmit(t *testing.T) {
 	f.table.Evict(f.table.Lookup(Key{UDP, client1, srv1.addr}).ID())
 	if err := f.udp.Send("p", client1, srv2.addr, []byte("b")); err != nil {
 		t.Fatalf("after the first flow ended: %v", err)
+	}
+	// Asked once per new flow, with the client source.
+	if len(asked) != 3 || asked[0] != client1 || asked[2] != client1 {
+		t.Fatalf("Admit asked for %v; want client1 three times", asked)
 	}
 }

@@ -199,7 +199,7 @@ func New(opts Options) (srv *Server, err error) {
 		Table:     s.table,
 		Filtering: opts.UDPFiltering,
 		Deliver:   s.deliverUDP,
-		Admit:     s.limiter.Admit,
+		Admit:     s.admitUDP,
 		Logger:    log.Named("udp"),
 	})
 	if err != nil {

@@ -88,7 +88,7 @@ func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Con
 		h.log.Debug("flow denied", zap.Stringer("src", src), zap.Error(err))
 		return nil, s.refuse(err, netstack.RefuseReset)
 	}
-	release, err := s.limiter.Admit(peer)
+	release, err := s.limiter.Admit(s.limitKey(peer, src.Addr()))
 	if err != nil {
 		return nil, s.refuse(err, netstack.RefuseReset)
 	}
@@ -228,4 +228,20 @@ func (c *tcpConn) evict(nat.Reason) {
 		c.SetLinger(0)
 		c.TCPConn.Close()
 	}
+}
+
+// limitKey names what the per-peer limits count a new flow against: the
+// WireGuard peer, or in TUN mode, where every client is the unnamed peer,
+// the client's address, so that one host behind the TUN device cannot
+// use up what all of them share. The limiter forgets an idle one.
+func (s *Server) limitKey(peer string, client netip.Addr) string {
+	if s.opts.WireGuard != nil {
+		return peer
+	}
+	return client.Unmap().String()
+}
+
+// admitUDP is the UDP mapper's Admit: the limits as for TCP.
+func (s *Server) admitUDP(peer string, client netip.AddrPort) (func(), error) {
+	return s.limiter.Admit(s.limitKey(peer, client.Addr()))
 }

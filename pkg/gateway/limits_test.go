@@ -169,3 +169,60 @@ func TestShutdownDrains(t *testing.T) {
 		t.Fatal("shutdown did not return after the last connection closed")
 	}
 }
+
+// TestTUNLimitsPerClientAddress: behind a TUN device every client is the
+// same unnamed peer, so the limits count each client address apart: one
+// host at its limit leaves the others theirs.
+func TestTUNLimitsPerClientAddress(t *testing.T) {
+	h := start(t, func(o *Options) {
+		o.Limits = nat.LimiterOptions{Default: nat.Limits{NewFlowsPerSecond: -1, MaxFlows: 2}}
+	})
+	listen := func(network, addr string) string {
+		ln, err := net.Listen(network, addr)
+		if err != nil {
+			t.Skipf("%s: %v", network, err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				t.Cleanup(func() { c.Close() })
+			}
+		}()
+		return ln.Addr().String()
+	}
+	v4, v6 := listen("tcp4", "127.0.0.1:0"), listen("tcp6", "[::1]:0")
+	dial := func(addr string) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c, err := h.client.DialContext(ctx, "tcp", addr)
+		if err == nil {
+			t.Cleanup(func() { c.Close() })
+		}
+		return err
+	}
+	for i := range 2 {
+		if err := dial(v4); err != nil {
+			t.Fatalf("flow %d from %s: %v", i+1, clientV4, err)
+		}
+	}
+	if err := dial(v4); err == nil {
+		t.Fatalf("a third flow from %s was let through; its limit is 2", clientV4)
+	}
+	if err := dial(v6); err != nil {
+		t.Fatalf("a flow from %s, another client address: %v", clientV6, err)
+	}
+	got := map[string]nat.PeerLimitStats{}
+	for _, l := range h.srv.Stats().Limits {
+		got[l.Peer] = l
+	}
+	if l := got[clientV4.String()]; l.Flows != 2 || l.FlowLimited != 1 {
+		t.Errorf("limits of %s: %+v; want 2 flows and 1 refusal", clientV4, l)
+	}
+	if l := got[clientV6.String()]; l.Flows != 1 {
+		t.Errorf("limits of %s: %+v; want 1 flow", clientV6, l)
+	}
+}
