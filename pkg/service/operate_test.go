@@ -124,9 +124,16 @@ func TestAdminAPIFlows(t *testing.T) {
 
 	// The same flow, over the unix socket and over loopback TCP.
 	for name, c := range map[string]*admin.Client{"unix": r.unix, "tcp": r.tcp} {
-		flows, err := c.Flows(ctx, admin.FlowFilter{Peer: "phone", Proto: "tcp", Port: uint16(ln.Addr().(*net.TCPAddr).Port)})
-		if err != nil || len(flows) != 1 || flows[0].ID != id || flows[0].OrigBytes != n || flows[0].ReplyBytes != n {
-			t.Fatalf("%s: flows %+v, %v", name, flows, err)
+		// The relay counts a write once it returns, which can be after
+		// the echo has come back: give the counters a moment.
+		for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			flows, err := c.Flows(ctx, admin.FlowFilter{Peer: "phone", Proto: "tcp", Port: uint16(ln.Addr().(*net.TCPAddr).Port)})
+			if err == nil && len(flows) == 1 && flows[0].ID == id && flows[0].OrigBytes == n && flows[0].ReplyBytes == n {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: flows %+v, %v", name, flows, err)
+			}
 		}
 		if none, err := c.Flows(ctx, admin.FlowFilter{Dest: netip.MustParsePrefix("10.0.0.0/8")}); err != nil || len(none) != 0 {
 			t.Fatalf("%s: a filter that matches nothing: %+v %v", name, none, err)

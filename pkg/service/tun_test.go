@@ -144,9 +144,18 @@ func TestTUNModeFlows(t *testing.T) {
 	id := ev.Flow.ID
 	port := uint16(ln.Addr().(*net.TCPAddr).Port)
 	for name, c := range map[string]*admin.Client{"unix": r.unix, "tcp": r.tcp} {
-		flows, err := c.Flows(ctx, admin.FlowFilter{Proto: "tcp", Port: port})
-		if err != nil || len(flows) != 1 || flows[0].ID != id || flows[0].OrigBytes != n || flows[0].ReplyBytes != n {
-			t.Fatalf("%s: flows %+v, %v; want flow %d with %d bytes each way", name, flows, err, id, n)
+		// The relay counts a write once it returns, which can be after
+		// the echo has come back: give the counters a moment.
+		var flows []admin.FlowInfo
+		for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			flows, err = c.Flows(ctx, admin.FlowFilter{Proto: "tcp", Port: port})
+			ok := err == nil && len(flows) == 1 && flows[0].ID == id && flows[0].OrigBytes == n && flows[0].ReplyBytes == n
+			if ok {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: flows %+v, %v; want flow %d with %d bytes each way", name, flows, err, id, n)
+			}
 		}
 		if flows[0].Client.Addr() != netip.MustParseAddr("10.9.0.2") {
 			t.Errorf("%s: flow's client %s, want the client's tunnel address 10.9.0.2", name, flows[0].Client)
