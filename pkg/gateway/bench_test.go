@@ -11,10 +11,7 @@ import (
 // sink accepts connections and discards what they send, or sends n bytes
 // to each when n > 0.
 func sink(b testing.TB, n int64) net.Listener {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
+	ln := listenOutsideSlice(b)
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -32,6 +29,25 @@ func sink(b testing.TB, n int64) net.Listener {
 		}
 	}()
 	return ln
+}
+
+// listenOutsideSlice listens on a loopback port outside the egress slice:
+// a sink that the kernel happened to put on a port of the slice collided
+// with the gateway's own egress binds ("address already in use").
+func listenOutsideSlice(b testing.TB) net.Listener {
+	b.Helper()
+	for range 100 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			b.Fatal(err)
+		}
+		if !slice.Contains(uint16(ln.Addr().(*net.TCPAddr).Port)) {
+			return ln
+		}
+		defer ln.Close() // held until a port outside is found
+	}
+	b.Fatal("no loopback port outside the egress slice")
+	return nil
 }
 
 type zeros struct{}
