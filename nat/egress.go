@@ -26,6 +26,8 @@ var DefaultEgressPorts = PortRange{Lo: 32768, Hi: 60999}
 
 const defaultDialTimeout = 10 * time.Second
 
+const defaultKeepAlive = 2 * time.Minute
+
 // exhaustionWarnEvery bounds how often an exhausted slice is logged: under
 // exhaustion every new flow fails, and one line per flow would drown the log.
 const exhaustionWarnEvery = 10 * time.Second
@@ -59,6 +61,14 @@ type EgressOptions struct {
 	// DialTimeout bounds a whole DialTCP, including retries on other
 	// ports; 10s when zero.
 	DialTimeout time.Duration
+
+	// KeepAlive is how long an egress TCP connection may be idle before
+	// the kernel probes the destination [2m]; negative turns probes off.
+	// Probes find dead destinations, whose flows would otherwise hold an
+	// egress socket, and a file, until the table's idle timeout (days for
+	// established TCP). Go's own default of 15 s would have every idle
+	// flow probe four times a minute.
+	KeepAlive time.Duration
 
 	// ExplicitBind makes the pool bind each socket to a port chosen by its
 	// own allocator even where the kernel could pick inside the slice
@@ -111,11 +121,13 @@ type EgressAddrStats struct {
 // use. An Egress holds no goroutines and needs no Close: the sockets it
 // returns belong to the caller, who closes them.
 type Egress struct {
-	log         *zap.Logger
-	slice       PortRange
-	v4, v6      netip.Addr // invalid when the family has no configured address
-	anyAddr     bool       // no configured addresses: bind to the unspecified address
-	dialTimeout time.Duration
+	log          *zap.Logger
+	slice        PortRange
+	v4, v6       netip.Addr // invalid when the family has no configured address
+	anyAddr      bool       // no configured addresses: bind to the unspecified address
+	dialTimeout  time.Duration
+	keepAlive    net.KeepAliveConfig
+	keepAliveOff time.Duration // -1 when keepAlive is off, as net.Dialer wants it
 
 	// kernelPorts is cleared at runtime if the kernel is ever caught
 	// picking a port outside the slice (the ephemeral range was changed
@@ -171,6 +183,14 @@ func NewEgress(opts EgressOptions) (*Egress, error) {
 	}
 	if e.dialTimeout < 0 {
 		return nil, fmt.Errorf("nat: EgressOptions.DialTimeout %v is negative", opts.DialTimeout)
+	}
+	switch ka := opts.KeepAlive; {
+	case ka < 0:
+		e.keepAlive, e.keepAliveOff = net.KeepAliveConfig{Enable: false}, -1
+	case ka == 0:
+		e.keepAlive = net.KeepAliveConfig{Enable: true, Idle: defaultKeepAlive}
+	default:
+		e.keepAlive = net.KeepAliveConfig{Enable: true, Idle: ka}
 	}
 
 	ports := opts.Ports
@@ -333,7 +353,7 @@ func (e *Egress) dialTCP(ctx context.Context, dst netip.AddrPort) (*net.TCPConn,
 // dialKernel lets connect(2) pick the port inside the slice, sharing a port
 // between connections to different destinations.
 func (e *Egress) dialKernel(ctx context.Context, dst netip.AddrPort, local netip.Addr) (*net.TCPConn, error) {
-	d := net.Dialer{Control: kernelRangeControl(e.slice, true)}
+	d := net.Dialer{Control: kernelRangeControl(e.slice, true), KeepAlive: e.keepAliveOff, KeepAliveConfig: e.keepAlive}
 	if !e.anyAddr {
 		// With IP_BIND_ADDRESS_NO_PORT this bind fixes only the address;
 		// the port is chosen by connect, for this destination.
@@ -360,8 +380,10 @@ func (e *Egress) dialExplicit(ctx context.Context, dst netip.AddrPort, local net
 	for i := range n {
 		port := uint16(int(e.slice.Lo) + (start+i)%n)
 		d := net.Dialer{
-			LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(local, port)),
-			Control:   reuseAddrControl,
+			LocalAddr:       net.TCPAddrFromAddrPort(netip.AddrPortFrom(local, port)),
+			Control:         reuseAddrControl,
+			KeepAlive:       e.keepAliveOff,
+			KeepAliveConfig: e.keepAlive,
 		}
 		c, err := d.DialContext(ctx, network("tcp", dst.Addr()), dst.String())
 		if err == nil {

@@ -1,8 +1,11 @@
 package nat
 
 import (
+	"context"
+	"net"
 	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -104,4 +107,42 @@ func TestRateLimit(t *testing.T) {
 	check(11*time.Second, false, 0)
 	check(30*time.Second, true, 1)
 	check(41*time.Second, true, 0)
+}
+
+// TestEgressKeepAlive: egress connections probe an idle destination after
+// EgressOptions.KeepAlive (2 minutes by default, not Go's 15 s), or never.
+func TestEgressKeepAlive(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	dst := ln.Addr().(*net.TCPAddr).AddrPort()
+	for _, tc := range []struct {
+		opt      time.Duration
+		on       bool
+		idleSecs int
+	}{{0, true, 120}, {45 * time.Second, true, 45}, {-1, false, 0}} {
+		for _, explicit := range []bool{false, true} {
+			e, err := NewEgress(EgressOptions{KeepAlive: tc.opt, ExplicitBind: explicit})
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := e.DialTCP(context.Background(), dst)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var on, idle int
+			raw, _ := c.SyscallConn()
+			raw.Control(func(fd uintptr) {
+				on, _ = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_KEEPALIVE)
+				idle, _ = syscall.GetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE)
+			})
+			c.Close()
+			if (on != 0) != tc.on || (tc.on && idle != tc.idleSecs) {
+				t.Errorf("KeepAlive %v (explicit bind %v): SO_KEEPALIVE %d, TCP_KEEPIDLE %d s; want on %v, %d s",
+					tc.opt, explicit, on, idle, tc.on, tc.idleSecs)
+			}
+		}
+	}
 }

@@ -119,6 +119,10 @@ type Egress struct {
 	Shard, Shards int
 	// DialTimeout bounds an egress TCP dial (egress.dial_timeout) [10s].
 	DialTimeout time.Duration
+	// KeepAlive is how long an egress TCP connection may be idle before
+	// the kernel probes its destination (egress.keepalive); 0 turns the
+	// probes off [2m].
+	KeepAlive time.Duration
 	// UDPFiltering decides which remotes may answer a client's UDP socket
 	// (egress.udp_filtering: address-port-dependent or
 	// endpoint-independent) [address-port-dependent].
@@ -134,7 +138,16 @@ func (e Egress) Options() nat.EgressOptions {
 		Shard:       e.Shard,
 		Shards:      e.Shards,
 		DialTimeout: e.DialTimeout,
+		KeepAlive:   keepAlive(e.KeepAlive),
 	}
+}
+
+// keepAlive turns the file's "0 is off" into nat's "negative is off".
+func keepAlive(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }
 
 // Policy is the destination policy: rules for every peer, limits for
@@ -249,6 +262,7 @@ const (
 	DefaultListenPort  = 51820
 	DefaultMTU         = 1420
 	DefaultDialTimeout = 10 * time.Second
+	DefaultKeepAlive   = 2 * time.Minute
 	DefaultMaxFlows    = 65536
 	DefaultMaxInFlight = 1024
 	DefaultGrace       = 30 * time.Second
@@ -281,6 +295,7 @@ func Default() *Config {
 			Shard:        0,
 			Shards:       1,
 			DialTimeout:  DefaultDialTimeout,
+			KeepAlive:    DefaultKeepAlive,
 			UDPFiltering: nat.FilterAddressPortDependent,
 		},
 		Policy:   Policy{Limits: DefaultLimits},

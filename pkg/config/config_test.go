@@ -52,6 +52,7 @@ func TestDefaults(t *testing.T) {
 	check("egress.ports are nat's", c.Egress.Ports, nat.DefaultEgressPorts)
 	check("egress.shard", [2]int{c.Egress.Shard, c.Egress.Shards}, [2]int{0, 1})
 	check("egress.dial_timeout", c.Egress.DialTimeout, 10*time.Second)
+	check("egress.keepalive", c.Egress.KeepAlive, 2*time.Minute)
 	check("egress.udp_filtering", c.Egress.UDPFiltering, nat.FilterAddressPortDependent)
 	check("policy.allow", len(c.Policy.Allow), 0)
 	check("policy.deny", len(c.Policy.Deny), 0)
@@ -119,6 +120,7 @@ func TestExample(t *testing.T) {
 	check("egress.ports", c.Egress.Ports, nat.PortRange{Lo: 32768, Hi: 60999})
 	check("egress.shard", [2]int{c.Egress.Shard, c.Egress.Shards}, [2]int{1, 4})
 	check("egress.dial_timeout", c.Egress.DialTimeout, 5*time.Second)
+	check("egress.keepalive", c.Egress.KeepAlive, 10*time.Minute)
 	check("egress.udp_filtering", c.Egress.UDPFiltering, nat.FilterEndpointIndependent)
 	check("policy.allow", c.Policy.Allow, []nat.Rule{
 		{Prefix: netip.MustParsePrefix("10.1.0.0/16"), Ports: nat.PortRange{Lo: 443, Hi: 443}},

@@ -170,6 +170,7 @@ func (d *decoder) config(n *yaml.Node, c *Config) {
 				}
 			}},
 			{"dial_timeout", value(d, &c.Egress.DialTimeout, parseDuration)},
+			{"keepalive", value(d, &c.Egress.KeepAlive, parseDuration)},
 			{"udp_filtering", value(d, &c.Egress.UDPFiltering, parseFiltering)},
 		})},
 		{"policy", func(n *yaml.Node, path string) { d.policy(n, path, &c.Policy) }},

@@ -70,6 +70,7 @@ type fileEgress struct {
 	Ports        string   `yaml:"ports"`
 	Shard        string   `yaml:"shard"`
 	DialTimeout  string   `yaml:"dial_timeout"`
+	KeepAlive    string   `yaml:"keepalive"`
 	UDPFiltering string   `yaml:"udp_filtering"`
 }
 
@@ -138,6 +139,7 @@ func (c *Config) file() *fileConfig {
 			Ports:        formatPorts(c.Egress.Ports),
 			Shard:        strconv.Itoa(c.Egress.Shard) + "/" + strconv.Itoa(c.Egress.Shards),
 			DialTimeout:  formatDuration(c.Egress.DialTimeout),
+			KeepAlive:    formatDuration(c.Egress.KeepAlive),
 			UDPFiltering: c.Egress.UDPFiltering.String(),
 		},
 		Policy: filePolicy{

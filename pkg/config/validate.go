@@ -179,6 +179,9 @@ func (e *Egress) validate(p *problems) {
 	if e.DialTimeout <= 0 {
 		p.add("egress.dial_timeout", "%s is not above zero", formatDuration(e.DialTimeout))
 	}
+	if e.KeepAlive < 0 {
+		p.add("egress.keepalive", "%s is negative (0s turns the probes off)", formatDuration(e.KeepAlive))
+	}
 	if _, ok := filterings[e.UDPFiltering.String()]; !ok {
 		p.add("egress.udp_filtering", "%s is neither %s nor %s", e.UDPFiltering, nat.FilterAddressPortDependent, nat.FilterEndpointIndependent)
 	}
