@@ -53,6 +53,14 @@ var batchBufs = sync.Pool{New: func() any { b := make([]byte, 0, gsoMaxBytes); r
 func (u *UDPMapper) SendLater(peer string, src, dst netip.AddrPort, payload []byte) error {
 	dst = sameFamily(dst, src.Addr())
 	if u.noGSO.Load() || len(payload) == 0 || len(payload) > gsoMaxSegment(dst) {
+		// What the mapping holds leaves first: a NAT keeps a client's
+		// datagrams in order.
+		if v, ok := u.maps.Load(src); ok {
+			b := &v.(*udpMapping).batch
+			b.mu.Lock()
+			v.(*udpMapping).flushLocked()
+			b.mu.Unlock()
+		}
 		return u.Send(peer, src, dst, payload)
 	}
 	for {

@@ -117,3 +117,23 @@ func TestSendLaterCoalesces(t *testing.T) {
 		})
 	}
 }
+
+// TestSendLaterKeepsOrder: a datagram too large to join a batch leaves
+// after the datagrams held before it, not ahead of them.
+func TestSendLaterKeepsOrder(t *testing.T) {
+	f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{})
+	a := newRawSink(t, "udp4", "127.0.0.1:0")
+	small := bytes.Repeat([]byte{1}, 100)
+	big := bytes.Repeat([]byte{2}, 3000) // above gsoMaxSegment: sent at once
+	for _, p := range [][]byte{small, small, big} {
+		if err := f.udp.SendLater("peer", client1, a.addr, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.udp.Flush()
+	for i, want := range [][]byte{small, small, big} {
+		if got := a.read(time.Second); !bytes.Equal(got, want) {
+			t.Fatalf("datagram %d: %d bytes, want %d", i, len(got), len(want))
+		}
+	}
+}
