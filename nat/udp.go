@@ -149,6 +149,8 @@ type udpMapping struct {
 	dests  map[netip.AddrPort]*udpDest // by remote, in the client's address family
 
 	batch udpBatch // what SendLater holds
+	// noGSO is set once a batch of this mapping did not fit its route.
+	noGSO atomic.Bool
 }
 
 // udpDest is one destination of a mapping, with its flow.

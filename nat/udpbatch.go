@@ -34,12 +34,13 @@ func gsoMaxSegment(dst netip.AddrPort) int {
 // in a single sendmsg with UDP_SEGMENT: the kernel's UDP and IP layers
 // then run once for the lot, and a veth or loopback carries it whole.
 type udpBatch struct {
-	mu     sync.Mutex
-	dst    netip.AddrPort
-	seg    int     // size of each datagram; only the last may be shorter
-	n      int     // datagrams in buf
-	buf    *[]byte // from batchBufs while n > 0
-	queued bool    // on the mapper's pending list
+	mu      sync.Mutex
+	dst     netip.AddrPort
+	seg     int     // size of each datagram; only the last may be shorter
+	n       int     // datagrams in buf
+	buf     *[]byte // from batchBufs while n > 0
+	queued  bool    // on the mapper's pending list
+	started bool    // a datagram went out since the last Flush
 }
 
 var batchBufs = sync.Pool{New: func() any { b := make([]byte, 0, gsoMaxBytes); return &b }}
@@ -47,26 +48,27 @@ var batchBufs = sync.Pool{New: func() any { b := make([]byte, 0, gsoMaxBytes); r
 // SendLater is Send, except that the datagram may wait, coalesced with
 // the datagrams that follow it to the same destination, until Flush. It
 // suits a caller that hands over datagrams in batches, as a tunnel does:
-// a run of equal-sized datagrams then costs one system call. Errors about
-// the mapping and the flow come back at once, as from Send; an error of
-// the socket at Flush is counted in UDPStats.SendErrors and logged.
+// a run of equal-sized datagrams then costs one system call.
+//
+// The first datagram a client source sends after each Flush leaves at
+// once, as with Send, so that the socket's errors (an unreachable network,
+// a prohibited destination) still come back for the caller to answer;
+// errors of the datagrams that waited are counted in UDPStats.SendErrors
+// and logged.
 func (u *UDPMapper) SendLater(peer string, src, dst netip.AddrPort, payload []byte) error {
 	dst = sameFamily(dst, src.Addr())
 	if u.noGSO.Load() || len(payload) == 0 || len(payload) > gsoMaxSegment(dst) {
-		// What the mapping holds leaves first: a NAT keeps a client's
-		// datagrams in order.
-		if v, ok := u.maps.Load(src); ok {
-			b := &v.(*udpMapping).batch
-			b.mu.Lock()
-			v.(*udpMapping).flushLocked()
-			b.mu.Unlock()
-		}
+		u.flushSource(src)
 		return u.Send(peer, src, dst, payload)
 	}
 	for {
 		m, err := u.mapping(peer, src, dst)
 		if err != nil {
 			return err
+		}
+		if m.noGSO.Load() || m.first() {
+			u.flushSource(src)
+			return u.Send(peer, src, dst, payload)
 		}
 		f, err := m.flowTo(dst)
 		if err != nil {
@@ -81,6 +83,43 @@ func (u *UDPMapper) SendLater(peer string, src, dst netip.AddrPort, payload []by
 	}
 }
 
+// flushSource sends what the mapping of src holds: a NAT keeps a client's
+// datagrams in order.
+func (u *UDPMapper) flushSource(src netip.AddrPort) {
+	if v, ok := u.maps.Load(src); ok {
+		m := v.(*udpMapping)
+		m.batch.mu.Lock()
+		m.flushLocked()
+		m.batch.mu.Unlock()
+	}
+}
+
+// first reports whether this is the first datagram of m's client since
+// the last Flush, and marks the next ones as not.
+func (m *udpMapping) first() bool {
+	b := &m.batch
+	b.mu.Lock()
+	if b.started {
+		b.mu.Unlock()
+		return false
+	}
+	b.started = true
+	enlist := !b.queued
+	b.queued = true
+	b.mu.Unlock()
+	if enlist {
+		m.u.enlist(m)
+	}
+	return true
+}
+
+// enlist puts m on the list of mappings that Flush visits.
+func (u *UDPMapper) enlist(m *udpMapping) {
+	u.pmu.Lock()
+	u.pending = append(u.pending, m)
+	u.pmu.Unlock()
+}
+
 // Flush sends every datagram that SendLater holds.
 func (u *UDPMapper) Flush() {
 	u.pmu.Lock()
@@ -91,7 +130,7 @@ func (u *UDPMapper) Flush() {
 		b := &m.batch
 		b.mu.Lock()
 		m.flushLocked()
-		b.queued = false
+		b.queued, b.started = false, false
 		b.mu.Unlock()
 	}
 }
@@ -118,9 +157,7 @@ func (m *udpMapping) queue(dst netip.AddrPort, payload []byte) {
 	b.queued = true
 	b.mu.Unlock()
 	if !queued {
-		m.u.pmu.Lock()
-		m.u.pending = append(m.u.pending, m)
-		m.u.pmu.Unlock()
+		m.u.enlist(m)
 	}
 }
 
@@ -137,15 +174,20 @@ func (m *udpMapping) flushLocked() {
 		err = m.sendEach(buf, b.seg, b.dst)
 	} else {
 		_, _, err = m.conn.WriteMsgUDPAddrPort(buf, udpSegment(b.seg), b.dst)
-		// EINVAL may also mean a segment larger than the route's MTU:
-		// then too the datagrams go one by one, from now on.
-		if err != nil && gsoUnsupported(err) {
+		switch {
+		case err == nil:
+			u.coalesced.Add(uint64(b.n))
+		case gsoUnsupported(err):
 			if !u.noGSO.Swap(true) {
 				u.log.Info("UDP segmentation offload unavailable; sending datagrams one by one", zap.Error(err))
 			}
 			err = m.sendEach(buf, b.seg, b.dst)
-		} else if err == nil {
-			u.coalesced.Add(uint64(b.n))
+		case errors.Is(err, syscall.EMSGSIZE), errors.Is(err, syscall.EINVAL):
+			// A segment larger than the route's MTU: alone, each
+			// datagram is fragmented instead. This client's path has
+			// such a route, so its datagrams stop waiting.
+			m.noGSO.Store(true)
+			err = m.sendEach(buf, b.seg, b.dst)
 		}
 	}
 	if err != nil && !errors.Is(err, net.ErrClosed) {
@@ -181,11 +223,11 @@ func (m *udpMapping) sendEach(buf []byte, seg int, dst netip.AddrPort) error {
 	return first
 }
 
-// gsoUnsupported tells the errors of a kernel or route that cannot
-// segment UDP.
+// gsoUnsupported tells the errors of a kernel or device that cannot
+// segment UDP at all.
 func gsoUnsupported(err error) bool {
 	return errors.Is(err, syscall.EIO) || errors.Is(err, syscall.ENOPROTOOPT) ||
-		errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.EINVAL)
+		errors.Is(err, syscall.EOPNOTSUPP)
 }
 
 // logSendError logs a failed batched send, at most once a minute.

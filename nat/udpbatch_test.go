@@ -137,3 +137,18 @@ func TestSendLaterKeepsOrder(t *testing.T) {
 		}
 	}
 }
+
+// TestSendLaterReportsSocketErrors: the first datagram of a batch leaves
+// at once, so a socket error comes back to the caller, which answers the
+// client with ICMP, as Send's do.
+func TestSendLaterReportsSocketErrors(t *testing.T) {
+	f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{})
+	bad := netip.MustParseAddrPort("127.0.0.1:0") // the kernel refuses port 0
+	if err := f.udp.Send("peer", client1, bad, []byte("x")); err == nil {
+		t.Skip("this kernel sends to port 0")
+	}
+	f.udp.Flush()
+	if err := f.udp.SendLater("peer", client2, bad, []byte("x")); err == nil {
+		t.Fatal("SendLater returned no error for a datagram the socket refused")
+	}
+}
