@@ -67,7 +67,9 @@ type Options struct {
 	// IFF_VNET_HDR and TCP segmentation offload does. TCP segments then
 	// cross whole, up to 64 KiB each way: the kernel merges what it sends
 	// and cuts what it receives, and Read's buffers must hold 64 KiB plus
-	// the header. Checksums the header does not vouch for are verified.
+	// the header. Checksums the header does not vouch for are verified,
+	// except those of IP fragments, which the kernel passes on as they
+	// came: the stack reassembles them unchecked.
 	VirtioNetHdr bool
 
 	// Logger receives the stack's logs; nil means none.

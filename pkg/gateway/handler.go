@@ -232,13 +232,20 @@ func (c *tcpConn) evict(nat.Reason) {
 
 // limitKey names what the per-peer limits count a new flow against: the
 // WireGuard peer, or in TUN mode, where every client is the unnamed peer,
-// the client's address, so that one host behind the TUN device cannot
-// use up what all of them share. The limiter forgets an idle one.
+// the client's IPv4 address or IPv6 /64, so that one host behind the TUN
+// device cannot use up what all of them share (a /64 because one IPv6
+// host may take any number of addresses in its own). The limiter forgets
+// an idle one.
 func (s *Server) limitKey(peer string, client netip.Addr) string {
 	if s.opts.WireGuard != nil {
 		return peer
 	}
-	return client.Unmap().String()
+	client = client.Unmap()
+	if client.Is6() {
+		p, _ := client.Prefix(64)
+		return p.String()
+	}
+	return client.String()
 }
 
 // admitUDP is the UDP mapper's Admit: the limits as for TCP.

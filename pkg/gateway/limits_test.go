@@ -222,7 +222,7 @@ func TestTUNLimitsPerClientAddress(t *testing.T) {
 	if l := got[clientV4.String()]; l.Flows != 2 || l.FlowLimited != 1 {
 		t.Errorf("limits of %s: %+v; want 2 flows and 1 refusal", clientV4, l)
 	}
-	if l := got[clientV6.String()]; l.Flows != 1 {
-		t.Errorf("limits of %s: %+v; want 1 flow", clientV6, l)
+	if l := got["fd5c:1ce::/64"]; l.Flows != 1 {
+		t.Errorf("limits of %s's /64: %+v; want 1 flow", clientV6, l)
 	}
 }

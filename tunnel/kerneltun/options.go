@@ -44,9 +44,10 @@ type Options struct {
 	// someone else. It must have been set up with IFF_TUN | IFF_NO_PI, and
 	// with IFF_VNET_HDR only if VirtioNetHdr is set; Open refuses TAP
 	// devices, but the kernel does not let it tell whether IFF_NO_PI was
-	// set. When set, Open creates nothing and changes nothing on the
-	// interface but the descriptor's offloads; the Device takes ownership
-	// of File and closes it on Close. File is switched to non-blocking
+	// set. When set, Open creates nothing; with VirtioNetHdr it sets the
+	// interface's virtio header size and offloads, which every holder of
+	// the interface then sees. The Device takes ownership of File and
+	// closes it on Close. File is switched to non-blocking
 	// mode, which other holders of the same open file will see too.
 	File *os.File
 	// MTU is set on the interface when Open creates it. With File it is
