@@ -237,7 +237,7 @@ func (rl *relay) run(log *zap.Logger) {
 
 	errc := make(chan error, 1)
 	go func() {
-		err := rl.copy(rl.upstream, rl.client, rl.clientReadable, counter, true)
+		err := rl.copy(rl.upstream, rl.client, rl.clientReadable, rl.clientReady, counter, true)
 		if err == nil {
 			if cw, ok := rl.upstream.(closeWriter); ok {
 				err = cw.CloseWrite()
@@ -247,7 +247,10 @@ func (rl *relay) run(log *zap.Logger) {
 		}
 		errc <- err
 	}()
-	err := rl.copy(rl.client, rl.upstream, rl.upstreamReadable, counter, false)
+	// Only a system call (the peek) could tell whether the upstream
+	// socket has more, and a blocking read would hold the buffer through
+	// a pause: upstream reads give the buffer back every time.
+	err := rl.copy(rl.client, rl.upstream, rl.upstreamReadable, nil, counter, false)
 	if err == nil {
 		err = rl.client.CloseWrite()
 	}
@@ -296,11 +299,10 @@ func (rl *relay) reportRest(counter SegmentCounter) {
 //
 // A buffer is taken from the pool only once src has data, and given back
 // after each write: an idle connection holds no buffer, which is what lets
-// a gateway keep tens of thousands of them open. A read that filled the
-// buffer says more is waiting, so the next read goes straight ahead with
-// the buffer in hand, sparing the readiness check (a system call on an
-// upstream socket) in the middle of a bulk transfer.
-func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, counter SegmentCounter, fromClient bool) error {
+// a gateway keep tens of thousands of them open. Where src can tell
+// without blocking that it has more (ready, nil if it cannot), a read
+// that filled the buffer is followed by the next with the buffer in hand.
+func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, ready func() bool, counter SegmentCounter, fromClient bool) error {
 	report := func() {
 		if counter == nil {
 			return
@@ -338,7 +340,7 @@ func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, count
 			}
 			report()
 		}
-		if n < len(*bp) {
+		if n < len(*bp) || ready == nil || !ready() {
 			rl.bufs.Put(bp)
 			bp = nil
 		}
@@ -349,6 +351,12 @@ func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, count
 			return err
 		}
 	}
+}
+
+// clientReady tells, without blocking, whether the client's side has
+// data, an EOF or an error to read.
+func (rl *relay) clientReady() bool {
+	return rl.ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) != 0
 }
 
 // clientReadable waits until the client's side has data, an EOF or an
