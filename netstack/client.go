@@ -415,27 +415,15 @@ func (c *Client) DialUDP(dst netip.AddrPort) (net.Conn, error) {
 // Accept, which then returns an error wrapping net.ErrClosed, and Addr
 // names an unspecified address ("[::]:8080") rather than leaving it out.
 func (c *Client) ListenTCP(addr netip.AddrPort, dualStack bool) (net.Listener, error) {
-	if c.ctx.Err() != nil {
-		return nil, net.ErrClosed
-	}
-	fa, proto := fullAddr(addr)
-	var wq waiter.Queue
-	ep, terr := c.stack.NewEndpoint(tcp.ProtocolNumber, proto, &wq)
-	if terr != nil {
-		return nil, errnoOf(terr)
-	}
-	if proto == ipv6.ProtocolNumber {
-		ep.SocketOptions().SetV6Only(!dualStack)
-	}
-	if terr := ep.Bind(fa); terr != nil {
-		ep.Close()
-		return nil, os.NewSyscallError("bind", errnoOf(terr))
+	ep, wq, err := c.bind(tcp.ProtocolNumber, addr, dualStack)
+	if err != nil {
+		return nil, err
 	}
 	if terr := ep.Listen(listenBacklog); terr != nil {
 		ep.Close()
 		return nil, os.NewSyscallError("listen", errnoOf(terr))
 	}
-	return &tcpListener{ln: gonet.NewTCPListener(c.stack, &wq, ep), bound: addr.Addr().Unmap()}, nil
+	return &tcpListener{ln: gonet.NewTCPListener(c.stack, wq, ep), bound: addr.Addr().Unmap()}, nil
 }
 
 // ListenUDP opens an unconnected UDP socket on addr; addr and dualStack
@@ -447,24 +435,34 @@ func (c *Client) ListenTCP(addr netip.AddrPort, dualStack bool) (net.Listener, e
 // reports IPv4 senders in 4-byte form, also on a dual-stack socket.
 // LocalAddr names an unspecified address, as Listener.Addr does.
 func (c *Client) ListenUDP(addr netip.AddrPort, dualStack bool) (net.PacketConn, error) {
+	ep, wq, err := c.bind(udp.ProtocolNumber, addr, dualStack)
+	if err != nil {
+		return nil, err
+	}
+	bound := addr.Addr().Unmap()
+	return &udpPacketConn{UDPConn: gonet.NewUDPConn(wq, ep), v6: bound.Is6(), bound: bound}, nil
+}
+
+// bind opens an endpoint of the transport protocol bound to addr, IPv6
+// only unless dualStack.
+func (c *Client) bind(transport tcpip.TransportProtocolNumber, addr netip.AddrPort, dualStack bool) (tcpip.Endpoint, *waiter.Queue, error) {
 	if c.ctx.Err() != nil {
-		return nil, net.ErrClosed
+		return nil, nil, net.ErrClosed
 	}
 	fa, proto := fullAddr(addr)
-	var wq waiter.Queue
-	ep, terr := c.stack.NewEndpoint(udp.ProtocolNumber, proto, &wq)
+	wq := new(waiter.Queue)
+	ep, terr := c.stack.NewEndpoint(transport, proto, wq)
 	if terr != nil {
-		return nil, errnoOf(terr)
+		return nil, nil, errnoOf(terr)
 	}
 	if proto == ipv6.ProtocolNumber {
 		ep.SocketOptions().SetV6Only(!dualStack)
 	}
 	if terr := ep.Bind(fa); terr != nil {
 		ep.Close()
-		return nil, os.NewSyscallError("bind", errnoOf(terr))
+		return nil, nil, os.NewSyscallError("bind", errnoOf(terr))
 	}
-	bound := addr.Addr().Unmap()
-	return &udpPacketConn{UDPConn: gonet.NewUDPConn(&wq, ep), v6: bound.Is6(), bound: bound}, nil
+	return ep, wq, nil
 }
 
 // tcpListener is a gonet listener whose Accept reports net.ErrClosed
