@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"sync"
 	"syscall"
 	"testing"
@@ -15,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
+	"golang.org/x/sys/unix"
 )
 
 // The port windows below lie inside Linux's default ephemeral range, because
@@ -143,8 +145,27 @@ func modes(t *testing.T, f func(t *testing.T, explicit bool, addrs []netip.Addr)
 		{"explicit/any-addr", true, nil},
 		{"explicit/addr", true, []netip.Addr{lo4, lo6}},
 	} {
-		t.Run(m.name, func(t *testing.T) { f(t, m.explicit, m.addrs) })
+		t.Run(m.name, func(t *testing.T) {
+			isolatePorts(t)
+			f(t, m.explicit, m.addrs)
+		})
 	}
+}
+
+// isolatePorts moves the calling goroutine, when the tests run as root,
+// into a network namespace of its own with loopback up: the fixed egress
+// slices of these tests then cannot meet the sockets of other packages'
+// tests, which go test runs at the same time and whose ephemeral ports
+// may land in them. As another user the tests share the host's ports.
+func isolatePorts(t *testing.T) {
+	t.Helper()
+	if unix.Geteuid() != 0 {
+		return
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		return
+	}
+	enterLoopbackNetns(t)
 }
 
 func TestEgressDialLandsInSlice(t *testing.T) {
@@ -179,6 +200,7 @@ func TestEgressDialLandsInSlice(t *testing.T) {
 }
 
 func TestEgressShardsDisjoint(t *testing.T) {
+	isolatePorts(t)
 	whole := PortRange{Lo: 41000, Hi: 41099}
 	const perShard = 40
 	srv := newTCPServer(t, lo4)
@@ -358,6 +380,7 @@ func TestEgressListenUDP(t *testing.T) {
 }
 
 func TestEgressDialErrorsClassify(t *testing.T) {
+	isolatePorts(t)
 	e := newTestEgress(t, EgressOptions{Ports: PortRange{Lo: 44000, Hi: 44009}, Addrs: []netip.Addr{lo4}, DialTimeout: 300 * time.Millisecond})
 
 	// Refused: a port nobody listens on any more.
@@ -436,6 +459,7 @@ func fullListener(t *testing.T) netip.AddrPort {
 }
 
 func TestEgressTracksWithoutLeaking(t *testing.T) {
+	isolatePorts(t)
 	// Sockets closed without Stats ever being called must not pile up in
 	// the pool's bookkeeping.
 	e := newTestEgress(t, EgressOptions{Ports: PortRange{Lo: 44100, Hi: 44109}, ExplicitBind: true})
