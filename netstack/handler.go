@@ -55,6 +55,16 @@ type Batcher interface {
 	FlushBatch()
 }
 
+// TryReader is an optional interface of the connections that
+// Handler.DialTCP returns: TryRead reads what is there without waiting,
+// and reports ok false, with nothing read and no error, when nothing is
+// (the errors and EOF are Read's). The stack then keeps its copy buffer
+// between the reads of a bulk transfer without checking readiness before
+// each, yet holds none while the connection pauses.
+type TryReader interface {
+	TryRead(p []byte) (n int, ok bool, err error)
+}
+
 // SegmentCounter is an optional interface of the connections that
 // Handler.DialTCP returns. The stack reports through it, as increments,
 // the TCP packets that crossed the tunnel each way while the connection

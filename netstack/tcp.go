@@ -237,7 +237,7 @@ func (rl *relay) run(log *zap.Logger) {
 
 	errc := make(chan error, 1)
 	go func() {
-		err := rl.copy(rl.upstream, rl.client, rl.clientReadable, rl.clientReady, counter, true)
+		err := rl.copy(rl.upstream, rl.client, rl.clientReadable, rl.tryClient, counter, true)
 		if err == nil {
 			if cw, ok := rl.upstream.(closeWriter); ok {
 				err = cw.CloseWrite()
@@ -247,10 +247,14 @@ func (rl *relay) run(log *zap.Logger) {
 		}
 		errc <- err
 	}()
-	// Only a system call (the peek) could tell whether the upstream
-	// socket has more, and a blocking read would hold the buffer through
-	// a pause: upstream reads give the buffer back every time.
-	err := rl.copy(rl.client, rl.upstream, rl.upstreamReadable, nil, counter, false)
+	// Without TryRead, only a system call (the peek) could tell whether
+	// the upstream has more, and a blocking read would hold the buffer
+	// through a pause: then the buffer goes back after every read.
+	var tryUpstream func([]byte) (int, bool, error)
+	if tr, ok := rl.upstream.(TryReader); ok {
+		tryUpstream = tr.TryRead
+	}
+	err := rl.copy(rl.client, rl.upstream, rl.upstreamReadable, tryUpstream, counter, false)
 	if err == nil {
 		err = rl.client.CloseWrite()
 	}
@@ -299,10 +303,12 @@ func (rl *relay) reportRest(counter SegmentCounter) {
 //
 // A buffer is taken from the pool only once src has data, and given back
 // after each write: an idle connection holds no buffer, which is what lets
-// a gateway keep tens of thousands of them open. Where src can tell
-// without blocking that it has more (ready, nil if it cannot), a read
-// that filled the buffer is followed by the next with the buffer in hand.
-func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, ready func() bool, counter SegmentCounter, fromClient bool) error {
+// a gateway keep tens of thousands of them open. Where src can be read
+// without waiting (try, nil if it cannot), a read that filled the buffer
+// is followed by such a read with the buffer in hand, and only when that
+// finds nothing does the buffer go back: a bulk transfer is spared a
+// readiness check per read, and a pause holds no buffer.
+func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, try func([]byte) (int, bool, error), counter SegmentCounter, fromClient bool) error {
 	report := func() {
 		if counter == nil {
 			return
@@ -327,20 +333,29 @@ func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, ready
 		}
 	}()
 	for {
+		var n int
+		var err error
 		if bp == nil {
 			if err := readable(); err != nil {
 				return err
 			}
 			bp = rl.bufs.Get().(*[]byte)
+			n, err = src.Read(*bp)
+		} else {
+			var ok bool
+			if n, ok, err = try(*bp); !ok {
+				rl.bufs.Put(bp)
+				bp = nil
+				continue
+			}
 		}
-		n, err := src.Read(*bp)
 		if n > 0 {
 			if _, werr := dst.Write((*bp)[:n]); werr != nil {
 				return werr
 			}
 			report()
 		}
-		if n < len(*bp) || ready == nil || !ready() {
+		if n < len(*bp) || try == nil {
 			rl.bufs.Put(bp)
 			bp = nil
 		}
@@ -353,10 +368,14 @@ func (rl *relay) copy(dst io.Writer, src io.Reader, readable func() error, ready
 	}
 }
 
-// clientReady tells, without blocking, whether the client's side has
-// data, an EOF or an error to read.
-func (rl *relay) clientReady() bool {
-	return rl.ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) != 0
+// tryClient reads the client's side if it has data, an EOF or an error
+// to read; gVisor tells that without a system call.
+func (rl *relay) tryClient(p []byte) (int, bool, error) {
+	if rl.ep.Readiness(waiter.ReadableEvents|waiter.EventHUp|waiter.EventErr) == 0 {
+		return 0, false, nil
+	}
+	n, err := rl.client.Read(p)
+	return n, true, err
 }
 
 // clientReadable waits until the client's side has data, an EOF or an

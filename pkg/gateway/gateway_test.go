@@ -374,3 +374,59 @@ func TestPolicyRefusesDeniedDestinations(t *testing.T) {
 		t.Errorf("refused: %d", got)
 	}
 }
+
+// TestTCPConnTryRead: an egress connection reads what is there without
+// waiting, says when nothing is, counts what it read, and ends with EOF.
+func TestTCPConnTryRead(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	tab, err := nat.NewTable(nat.TableOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tab.Close()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	flow, err := tab.Insert(nat.Key{Proto: nat.TCP, Client: netip.MustParseAddrPort("100.96.0.2:1"), Dest: netip.MustParseAddrPort(ln.Addr().String())}, "", func(nat.Reason) {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	c := &tcpConn{TCPConn: raw.(*net.TCPConn), flow: flow}
+
+	buf := make([]byte, 16)
+	if n, ok, err := c.TryRead(buf); ok || n != 0 || err != nil {
+		t.Fatalf("nothing sent yet: TryRead = %d, %v, %v; want 0, false, nil", n, ok, err)
+	}
+	srv.Write([]byte("hello"))
+	var n int
+	var ok bool
+	for deadline := time.Now().Add(2 * time.Second); !ok && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		n, ok, err = c.TryRead(buf)
+	}
+	if !ok || string(buf[:n]) != "hello" || err != nil {
+		t.Fatalf("TryRead = %q, %v, %v; want hello", buf[:n], ok, err)
+	}
+	if got := flow.Entry().ReplyBytes; got != 5 {
+		t.Errorf("flow counted %d reply bytes, want 5", got)
+	}
+	srv.Close()
+	err = nil
+	ok = false
+	for deadline := time.Now().Add(2 * time.Second); !ok && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		_, ok, err = c.TryRead(buf)
+	}
+	if !ok || !errors.Is(err, io.EOF) {
+		t.Fatalf("after the server closed: ok %v, err %v; want io.EOF", ok, err)
+	}
+}

@@ -6,10 +6,12 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/sluice-vpn/sluice/nat"
 	"github.com/sluice-vpn/sluice/netstack"
@@ -20,8 +22,9 @@ import (
 type handler Server
 
 var (
-	_ netstack.Handler = (*handler)(nil)
-	_ netstack.Batcher = (*handler)(nil)
+	_ netstack.Handler   = (*handler)(nil)
+	_ netstack.Batcher   = (*handler)(nil)
+	_ netstack.TryReader = (*tcpConn)(nil)
 )
 
 // Why flows are refused, as counted in Stats and metrics.
@@ -189,6 +192,34 @@ func (c *tcpConn) Read(p []byte) (int, error) {
 		c.flow.SetState(nat.StateClosing)
 	}
 	return n, err
+}
+
+// TryRead implements netstack.TryReader with one non-blocking read of the
+// socket, counted as Read counts.
+func (c *tcpConn) TryRead(p []byte) (int, bool, error) {
+	rc, err := c.TCPConn.SyscallConn()
+	if err != nil {
+		return 0, true, err
+	}
+	var n int
+	var rerr error
+	if err := rc.Read(func(fd uintptr) bool {
+		n, rerr = unix.Read(int(fd), p)
+		return true // never wait: the relay waits without a buffer
+	}); err != nil {
+		return 0, true, err
+	}
+	switch {
+	case rerr == unix.EAGAIN || rerr == unix.EINTR:
+		return 0, false, nil
+	case rerr != nil:
+		return 0, true, os.NewSyscallError("read", rerr)
+	case n == 0 && len(p) > 0:
+		c.flow.SetState(nat.StateClosing)
+		return 0, true, io.EOF
+	}
+	c.flow.CountReply(n, 0)
+	return n, true, nil
 }
 
 func (c *tcpConn) Write(p []byte) (int, error) {
