@@ -354,34 +354,7 @@ func (c *Client) DialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, err
 	if c.ctx.Err() != nil {
 		return nil, net.ErrClosed
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	fa, proto := fullAddr(dst)
-	fa.NIC = nicID
-	var wq waiter.Queue
-	ep, terr := c.stack.NewEndpoint(tcp.ProtocolNumber, proto, &wq)
-	if terr != nil {
-		return nil, errnoOf(terr)
-	}
-	entry, ready := waiter.NewChannelEntry(waiter.WritableEvents)
-	wq.EventRegister(&entry)
-	defer wq.EventUnregister(&entry)
-	terr = ep.Connect(fa)
-	if _, started := terr.(*tcpip.ErrConnectStarted); started {
-		select {
-		case <-ctx.Done():
-			ep.Close()
-			return nil, ctx.Err()
-		case <-ready:
-		}
-		terr = ep.LastError()
-	}
-	if terr != nil {
-		ep.Close()
-		return nil, os.NewSyscallError("connect", errnoOf(terr))
-	}
-	return gonet.NewTCPConn(&wq, ep), nil
+	return dialTCP(ctx, c.stack, nil, dst)
 }
 
 // DialUDP opens a UDP socket on a free port of the client's address of

@@ -664,6 +664,11 @@ func (c *Client) PublicKey() wireguard.Key { return c.dev.PublicKey() }
 // Addrs returns the client's own addresses inside the tunnel.
 func (c *Client) Addrs() []netip.Addr { return slices.Clone(c.addrs) }
 
+// DNSServers are the configuration's DNS servers, which answer every name
+// the client looks up. A configuration that `sluice peer add` wrote names
+// the gateway's own tunnel addresses there.
+func (c *Client) DNSServers() []netip.Addr { return slices.Clone(c.dns.servers) }
+
 // ListenPort returns the UDP port the client's WireGuard sockets use now.
 func (c *Client) ListenPort() int { return c.dev.ListenPort() }
 

@@ -23,6 +23,9 @@ const (
 // dnsForwarder answers DNS queries sent to the gateway's own addresses by
 // asking the upstream resolvers, from sockets of the egress pool, and
 // answering with the gateway's address as source.
+// dnsPort is where the gateway's own addresses answer DNS.
+const dnsPort = 53
+
 type dnsForwarder struct {
 	s         *Server
 	upstreams []netip.AddrPort
@@ -52,7 +55,7 @@ func newDNSForwarder(s *Server, upstreams []netip.AddrPort) *dnsForwarder {
 // tcpUpstream is where a TCP connection to the gateway's address dst goes:
 // DNS over TCP is relayed as a stream to the first upstream.
 func (d *dnsForwarder) tcpUpstream(dst netip.AddrPort) (netip.AddrPort, bool) {
-	if dst.Port() != 53 || len(d.upstreams) == 0 {
+	if dst.Port() != dnsPort || len(d.upstreams) == 0 {
 		return netip.AddrPort{}, false
 	}
 	return d.upstreams[0], true
@@ -61,7 +64,7 @@ func (d *dnsForwarder) tcpUpstream(dst netip.AddrPort) (netip.AddrPort, bool) {
 // query forwards one UDP query. It returns at once; the answer is written
 // to the client when it comes.
 func (d *dnsForwarder) query(src, dst netip.AddrPort, payload []byte) error {
-	if dst.Port() != 53 || len(d.upstreams) == 0 {
+	if dst.Port() != dnsPort || len(d.upstreams) == 0 {
 		return netstack.Refuse(netstack.RefuseReset, errors.New("gateway: nothing listens there"))
 	}
 	d.queries.Add(1)

@@ -108,6 +108,7 @@ type Server struct {
 	owners atomic.Pointer[map[netip.Addr]string] // tunnel address -> peer name
 	peerMu sync.Mutex                            // serialises AddPeer and RemovePeer
 	peers  map[string]Peer                       // guarded by peerMu
+	local  sync.Map                              // port -> *localListener
 
 	refusals  [numRefusals]atomic.Uint64
 	draining  atomic.Bool
@@ -279,6 +280,10 @@ func (s *Server) Close() error {
 // teardown closes whatever New built, in the order that unblocks the
 // goroutines: the packet source and the stack first.
 func (s *Server) teardown() {
+	s.local.Range(func(_, ln any) bool {
+		ln.(*localListener).Close()
+		return true
+	})
 	if s.wg != nil {
 		s.wg.Close()
 	}

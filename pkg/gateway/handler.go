@@ -79,12 +79,12 @@ func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Con
 	}
 	peer := s.peerOf(src.Addr())
 	// The gateway's own addresses serve DNS, relayed to an upstream
-	// resolver, and nothing else.
+	// resolver, and the local listeners (ListenLocal).
 	to := dst
 	if s.own[dst.Addr().Unmap()] {
 		up, ok := s.dns.tcpUpstream(dst)
 		if !ok {
-			return nil, netstack.Refuse(netstack.RefuseReset, errors.New("gateway: nothing listens there"))
+			return s.dialLocal(peer, src, dst)
 		}
 		to = up
 	} else if err := s.check(peer, nat.TCP, dst); err != nil {
