@@ -68,6 +68,8 @@ type Config struct {
 	Log Log
 	// Shutdown configures stopping (shutdown).
 	Shutdown Shutdown
+	// Edge publishes the services that peers expose (edge).
+	Edge Edge
 }
 
 // ListenAddr is a local [ADDR]:PORT. The zero Addr means every address.
@@ -303,6 +305,7 @@ func Default() *Config {
 		TCP:      TCP{MaxInFlight: DefaultMaxInFlight},
 		Log:      Log{Level: zapcore.InfoLevel},
 		Shutdown: Shutdown{Grace: DefaultGrace},
+		Edge:     Edge{DialTimeout: DefaultEdgeDialTimeout, Lease: DefaultEdgeLease},
 	}
 }
 
@@ -344,11 +347,15 @@ func (c *Config) Clone() *Config {
 			d.Policy.Peers[name] = pp
 		}
 	}
+	d.Edge = c.Edge.clone()
 	return &d
 }
 
 // Redacted returns a copy of c that is safe to show, for the admin API's
-// view of the running configuration. The configuration holds no secrets
-// today (keys live in the state directory), so it is a plain copy; it is
-// the one place to blank a secret field that is added later.
-func (c *Config) Redacted() *Config { return c.Clone() }
+// view of the running configuration: the edge's credential hashes are
+// blanked (keys live in the state directory, not here).
+func (c *Config) Redacted() *Config {
+	d := c.Clone()
+	d.Edge.redact()
+	return d
+}

@@ -198,6 +198,7 @@ func (d *decoder) config(n *yaml.Node, c *Config) {
 		{"shutdown", d.section([]field{
 			{"grace", value(d, &c.Shutdown.Grace, parseDuration)},
 		})},
+		{"edge", func(n *yaml.Node, path string) { d.edge(n, path, &c.Edge) }},
 	})
 }
 

@@ -49,6 +49,7 @@ type fileConfig struct {
 	Admin    fileAdmin    `yaml:"admin"`
 	Log      fileLog      `yaml:"log"`
 	Shutdown fileShutdown `yaml:"shutdown"`
+	Edge     fileEdge     `yaml:"edge"`
 }
 
 type fileTUN struct {
@@ -162,6 +163,7 @@ func (c *Config) file() *fileConfig {
 		Admin:    fileAdmin{Listen: formatAdminListen(c.Admin.Listen), Insecure: c.Admin.Insecure},
 		Log:      fileLog{Level: c.Log.Level.String()},
 		Shutdown: fileShutdown{Grace: formatDuration(c.Shutdown.Grace)},
+		Edge:     c.Edge.file(),
 	}
 	if len(c.Policy.Peers) > 0 {
 		f.Policy.Peers = make(map[string]filePeer, len(c.Policy.Peers))

@@ -97,6 +97,7 @@ func (c *Config) Validate() error {
 	if c.Shutdown.Grace < 0 {
 		p.add("shutdown.grace", "%s is negative", c.Shutdown.Grace)
 	}
+	c.Edge.validate(&p, c.TUN.Enabled())
 	return p.err()
 }
 
