@@ -21,8 +21,9 @@ import (
 func (r *Registry) Pick(hostname, protocol string, exclude []string) (Replica, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	// No sweep of other hostnames here: only Register adds entries, and
+	// it sweeps, so the request path stays one hostname long.
 	now := r.now()
-	r.sweepIfDue(now)
 	s := r.services[hostname]
 	if s != nil {
 		r.purge(s, now)

@@ -144,8 +144,8 @@ type Service struct {
 // One mutex guards everything: Pick's critical section is a pass over one
 // hostname's replicas (at most MaxReplicas), without allocation.
 // Expired replicas leave lazily: a hostname's are purged whenever it is
-// touched, and every hostname's at most once per Lease, or before a limit
-// refuses a registration, so what is held stays within the limits.
+// touched, every hostname's by Register at most once per Lease and before
+// a limit refuses a registration, so what is held stays within the limits.
 type Registry struct {
 	lease, cooldown                 time.Duration
 	maxHosts, maxReplicas, maxPerPr int
