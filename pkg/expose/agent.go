@@ -130,6 +130,10 @@ type Agent struct {
 	registered chan struct{} // closed at the first registration
 	regOnce    sync.Once
 
+	// backoffMin and backoffMax bound the wait between failed
+	// registrations (firstBackoff, maxBackoff; tests shorten them).
+	backoffMin, backoffMax time.Duration
+
 	slots chan struct{} // one per connection being relayed
 	bufs  sync.Pool     // *[]byte of copyBufSize
 
@@ -208,6 +212,8 @@ func New(opts Options) (*Agent, error) {
 		control:    newControlClient(opts.Tunnel, opts.Control),
 		ready:      make(chan struct{}),
 		registered: make(chan struct{}),
+		backoffMin: firstBackoff,
+		backoffMax: maxBackoff,
 		slots:      make(chan struct{}, opts.MaxConns),
 		conns:      make(map[io.Closer]struct{}),
 	}

@@ -92,7 +92,7 @@ func (a *Agent) keepRegistered(ctx context.Context, reg Registration) error {
 				a.log.Debug("registration failed", zap.Error(err))
 			}
 			failing, lastKind = true, kind
-			backoff = min(max(2*backoff, firstBackoff), maxBackoff)
+			backoff = min(max(2*backoff, a.backoffMin), a.backoffMax)
 			// Jitter spreads the agents of a restarted gateway.
 			wait = backoff/2 + rand.N(backoff/2+1)
 		}
