@@ -354,7 +354,7 @@ func (c *Client) DialTCP(ctx context.Context, dst netip.AddrPort) (net.Conn, err
 	if c.ctx.Err() != nil {
 		return nil, net.ErrClosed
 	}
-	return dialTCP(ctx, c.stack, nil, dst)
+	return dialTCP(ctx, c.stack, nil, dst, nil)
 }
 
 // DialUDP opens a UDP socket on a free port of the client's address of

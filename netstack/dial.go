@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
@@ -28,12 +29,39 @@ func (s *Stack) DialTCP(ctx context.Context, src netip.Addr, dst netip.AddrPort)
 		return nil, fmt.Errorf("netstack: dial %s from %s: address families differ", dst, src)
 	}
 	from, _ := fullAddr(netip.AddrPortFrom(src, 0))
-	return dialTCP(ctx, s.stack, &from, dst)
+	return dialTCP(ctx, s.stack, &from, dst, peerLiveness)
+}
+
+// Liveness settings of the gateway's connections into the tunnel. A peer
+// that goes away (its process killed, its laptop closed) sends no FIN or
+// RST: without these, a request written to it would wait for an answer
+// for as long as TCP retransmits, minutes, and an idle connection would
+// never learn.
+const (
+	peerKeepaliveIdle     = 10 * time.Second
+	peerKeepaliveInterval = 5 * time.Second
+	peerKeepaliveCount    = 2
+	// peerUserTimeout aborts a connection whose data has gone
+	// unacknowledged this long.
+	peerUserTimeout = 10 * time.Second
+)
+
+// peerLiveness arms keepalives and a user timeout on ep.
+func peerLiveness(ep tcpip.Endpoint) {
+	ep.SocketOptions().SetKeepAlive(true)
+	idle := tcpip.KeepaliveIdleOption(peerKeepaliveIdle)
+	interval := tcpip.KeepaliveIntervalOption(peerKeepaliveInterval)
+	user := tcpip.TCPUserTimeoutOption(peerUserTimeout)
+	ep.SetSockOpt(&idle)
+	ep.SetSockOpt(&interval)
+	ep.SetSockOptInt(tcpip.KeepaliveCountOption, peerKeepaliveCount)
+	ep.SetSockOpt(&user)
 }
 
 // dialTCP connects an endpoint of st to dst, bound to from if it is not
-// nil. ctx bounds the handshake only.
-func dialTCP(ctx context.Context, st *stack.Stack, from *tcpip.FullAddress, dst netip.AddrPort) (net.Conn, error) {
+// nil, with the options that setup, if not nil, sets. ctx bounds the
+// handshake only.
+func dialTCP(ctx context.Context, st *stack.Stack, from *tcpip.FullAddress, dst netip.AddrPort, setup func(tcpip.Endpoint)) (net.Conn, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -43,6 +71,9 @@ func dialTCP(ctx context.Context, st *stack.Stack, from *tcpip.FullAddress, dst 
 	ep, terr := st.NewEndpoint(tcp.ProtocolNumber, proto, &wq)
 	if terr != nil {
 		return nil, errnoOf(terr)
+	}
+	if setup != nil {
+		setup(ep)
 	}
 	if from != nil {
 		from.NIC = nicID
