@@ -287,14 +287,16 @@ func (e *Edge) Start(ctx context.Context) error {
 		}
 		return err
 	}
+	var httpLn, httpsLn *listener
+	var tcpLns []*listener
 	var err error
 	if e.opts.HTTPAddr != "" {
-		if e.httpLn, err = listen("HTTPAddr", e.opts.HTTPAddr, "http"); err != nil {
+		if httpLn, err = listen("HTTPAddr", e.opts.HTTPAddr, "http"); err != nil {
 			return fail(err)
 		}
 	}
 	if e.opts.HTTPSAddr != "" {
-		if e.httpsLn, err = listen("HTTPSAddr", e.opts.HTTPSAddr, "https"); err != nil {
+		if httpsLn, err = listen("HTTPSAddr", e.opts.HTTPSAddr, "https"); err != nil {
 			return fail(err)
 		}
 	}
@@ -303,10 +305,10 @@ func (e *Edge) Start(ctx context.Context) error {
 		if err != nil {
 			return fail(err)
 		}
-		e.tcpLns = append(e.tcpLns, l)
+		tcpLns = append(tcpLns, l)
 	}
 	e.started = true
-	e.listeners = lns
+	e.listeners, e.httpLn, e.httpsLn, e.tcpLns = lns, httpLn, httpsLn, tcpLns
 
 	if l := e.httpLn; l != nil {
 		srv := e.newServer(l, false)
