@@ -511,32 +511,33 @@ func (e *Edge) Shutdown(ctx context.Context) error {
 	for _, l := range tcpLns {
 		l.Listener.Close()
 	}
-	var err error
-	for _, srv := range servers {
-		// The HTTP servers close their listeners and idle connections,
-		// and wait for the others to go idle.
-		if serr := srv.Shutdown(ctx); serr != nil && err == nil {
-			err = serr
-		}
-	}
-	if err == nil {
-		// Handlers that outlive their connections' bookkeeping
-		// (WebSockets) and TCP relays are still counted in wg; wait for
-		// them, with every tracked connection, until ctx ends.
-		done := make(chan struct{})
+	// The HTTP servers close their listeners and idle connections, and
+	// wait for the others to go idle: all at once, so that none accepts
+	// while another drains.
+	errs := make([]error, len(servers))
+	var wg sync.WaitGroup
+	for i, srv := range servers {
+		wg.Add(1)
 		go func() {
-			for !e.idle() {
-				select {
-				case <-ctx.Done():
-					close(done)
-					return
-				case <-time.After(20 * time.Millisecond):
-				}
-			}
-			close(done)
+			defer wg.Done()
+			errs[i] = srv.Shutdown(ctx)
 		}()
-		<-done
-		err = ctx.Err()
+	}
+	wg.Wait()
+	err := errors.Join(errs...)
+	if err == nil {
+		// Upgraded connections (WebSockets) and TCP relays are not the
+		// HTTP servers' to wait for; wait for them, polling, as
+		// http.Server.Shutdown does, until ctx ends.
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for !e.idle() && err == nil {
+			select {
+			case <-ctx.Done():
+				err = ctx.Err()
+			case <-tick.C:
+			}
+		}
 	}
 	e.Close()
 	return err

@@ -818,3 +818,30 @@ func TestShutdownDeadlineCloses(t *testing.T) {
 		t.Error("the stream ended cleanly; want it cut")
 	}
 }
+
+func TestStartContextCloses(t *testing.T) {
+	e, err := New(Options{Registry: newRegistry(t, nil), Dial: newFakeTunnel().Dial, HTTPAddr: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	if err := e.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Start(ctx); err == nil {
+		t.Error("a second Start succeeded")
+	}
+	addr := e.HTTPAddr().String()
+	cancel()
+	eventually(t, "the edge to close with its context", func() bool {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err != nil
+	})
+	e.Close()
+	if err := e.Start(context.Background()); err == nil {
+		t.Error("Start after Close succeeded")
+	}
+}
