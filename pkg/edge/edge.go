@@ -346,7 +346,7 @@ func (e *Edge) Start(ctx context.Context) error {
 }
 
 // newServer is the http.Server of a listener.
-func (e *Edge) newServer(l *listener, tls bool) *http.Server {
+func (e *Edge) newServer(l *listener, useTLS bool) *http.Server {
 	srv := &http.Server{
 		Handler:           e.handler(l),
 		ReadHeaderTimeout: e.opts.HeaderTimeout,
@@ -358,7 +358,7 @@ func (e *Edge) newServer(l *listener, tls bool) *http.Server {
 	if std, err := zap.NewStdLogAt(e.log, zapcore.DebugLevel); err == nil {
 		srv.ErrorLog = std
 	}
-	if tls {
+	if useTLS {
 		srv.TLSConfig = e.tlsConfig()
 		srv.Protocols = new(http.Protocols)
 		srv.Protocols.SetHTTP1(true)
@@ -374,8 +374,8 @@ func (e *Edge) tlsConfig() *tls.Config {
 	}
 }
 
-// listenerStats lists the listeners' counters, for metrics.
-func (e *Edge) listenerStats() []*listenerStats {
+// listenerCounters lists the listeners' counters, for metrics.
+func (e *Edge) listenerCounters() []*listenerStats {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	out := make([]*listenerStats, len(e.listeners))

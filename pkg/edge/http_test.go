@@ -845,3 +845,34 @@ func TestStartContextCloses(t *testing.T) {
 		t.Error("Start after Close succeeded")
 	}
 }
+
+func TestCloseEndsUpgradedConnections(t *testing.T) {
+	reg := newRegistry(t, nil)
+	_, p := origin(t, websocket.Handler(func(ws *websocket.Conn) { io.Copy(ws, ws) }))
+	register(t, reg, "ws.example.com", p, expose.ProtocolHTTP, nil)
+	e := startEdge(t, Options{Registry: reg, HTTPAddr: "127.0.0.1:0"})
+	cfg, _ := websocket.NewConfig("ws://ws.example.com/", "http://ws.example.com/")
+	conn, err := net.Dial("tcp", e.HTTPAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	ws, err := websocket.NewClient(cfg, conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		e.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close did not return with a WebSocket open")
+	}
+	if _, err := ws.Read(make([]byte, 1)); err == nil || isTimeout(err) {
+		t.Errorf("the WebSocket after Close: %v, want it closed", err)
+	}
+}

@@ -161,7 +161,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstHistogram(c.duration, n, float64(s.sumNanos.Load())/1e9, cum, host)
 	}
 
-	for _, l := range e.listenerStats() {
+	for _, l := range e.listenerCounters() {
 		counter(c.conns, l.conns.Load(), l.name)
 		gauge(c.active, float64(l.active.Load()), l.name)
 		counter(c.connsRefused, l.refused.Load(), l.name)

@@ -28,7 +28,10 @@ type Policy struct {
 	// per second from one client; 0 means unlimited. IPv4 clients are
 	// told apart by address, IPv6 clients by /64, since one host commonly
 	// holds a whole /64. BurstPerClient is the bucket size
-	// [max(1, 2*RatePerClient)].
+	// [max(1, 2*RatePerClient)]. Up to 65,536 clients per hostname are
+	// tracked at once; clients are forgotten once their buckets are full
+	// again, and while the table is full of clients still paying off a
+	// burst, newcomers share one bucket of this size.
 	RatePerClient  float64
 	BurstPerClient int
 	// RateTotal and BurstTotal are the same over all clients of the
