@@ -60,7 +60,8 @@ run: build
 	$(BIN) serve $(RUN_FLAGS)
 
 # What the tests use beyond Go: iproute2 for the namespaces; curl, ping and
-# wg (configuring wireguard-go) as clients nobody here wrote. Installed only
+# wg (configuring wireguard-go) as clients nobody here wrote; iptables for
+# the expose test's origin, which may send nothing but WireGuard. Installed only
 # where missing and only as root (CI); elsewhere the tests that need them
 # skip.
 deps:
@@ -69,6 +70,7 @@ deps:
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v ping >/dev/null || missing="$$missing iputils-ping"; \
 	command -v wg   >/dev/null || missing="$$missing wireguard-tools"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

@@ -14,6 +14,7 @@ conntrack, no kernel NAT.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newServeCmd(), newPeerCmd(), newStatusCmd(), newFlowsCmd(), newConfigCmd(), newConnectCmd())
+	root.AddCommand(newServeCmd(), newPeerCmd(), newStatusCmd(), newFlowsCmd(), newConfigCmd(), newConnectCmd(),
+		newExposeCmd(), newServicesCmd(), newEdgeCmd())
 	return root
 }

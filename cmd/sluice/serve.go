@@ -48,6 +48,11 @@ type serveFlags struct {
 	logLevel      string
 	admin         string
 	adminInsecure bool
+
+	// The edge, for services that peers publish.
+	edgeHTTP, edgeHTTPS string
+	edgeCerts, edgeKeys []string
+	edgeTCP             []string
 }
 
 func newServeCmd() *cobra.Command {
@@ -67,6 +72,11 @@ which sluice status and sluice flows reach the gateway as in WireGuard mode.
 Either way every TCP and UDP flow and every ping that arrives is terminated
 in user space and re-dialled from this host's sockets.
 
+--edge-http, --edge-https and --edge-tcp publish the services that peers
+expose with sluice expose: requests to a hostname go through the tunnel to
+the agents that registered it. Per-hostname weights, rate limits, client
+lists, paths and credentials are set in the configuration file (edge:).
+
 --config FILE reads every option from a YAML file (see sluice config
 check); flags override it. SIGHUP re-reads it: policy and limits change at
 once, and flows the new policy denies are closed. SIGTERM stops taking new
@@ -74,7 +84,8 @@ flows and lets open ones drain for shutdown.grace before closing them.`,
 		Example: `  sluice serve
   sluice serve --config /etc/sluice/sluice.yaml
   sluice serve --listen :51821 --endpoint vpn.example.com:51821 --state /srv/sluice
-  sluice serve --tun sluice0 --egress-ports 40000-49999 --shard 1/4 --allow 10.1.0.0/16:443`,
+  sluice serve --tun sluice0 --egress-ports 40000-49999 --shard 1/4 --allow 10.1.0.0/16:443
+  sluice serve --edge-http :80 --edge-https :443 --edge-cert app.pem --edge-key app.key`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runServe(cmd, f)
@@ -100,6 +111,11 @@ flows and lets open ones drain for shutdown.grace before closing them.`,
 	fl.StringVar(&f.logLevel, "log-level", "info", "log `LEVEL`: debug, info, warn or error")
 	fl.StringVar(&f.admin, "admin", "", "also serve the admin API on TCP `ADDR:PORT` (loopback only, unless --admin-insecure)")
 	fl.BoolVar(&f.adminInsecure, "admin-insecure", false, "allow --admin on an address other than loopback (the API has no authentication)")
+	fl.StringVar(&f.edgeHTTP, "edge-http", "", "publish peers' services (sluice expose) over HTTP on `[ADDR]:PORT`, routed by Host")
+	fl.StringVar(&f.edgeHTTPS, "edge-https", "", "publish peers' services over HTTPS on `[ADDR]:PORT`, with --edge-cert and --edge-key")
+	fl.StringArrayVar(&f.edgeCerts, "edge-cert", nil, "PEM certificate chain `FILE` for --edge-https, chosen by SNI (repeatable, paired with --edge-key in order)")
+	fl.StringArrayVar(&f.edgeKeys, "edge-key", nil, "PEM private key `FILE` of the --edge-cert in the same position (repeatable)")
+	fl.StringArrayVar(&f.edgeTCP, "edge-tcp", nil, "publish a peer's TCP service on an edge port: `[ADDR:]PORT=HOSTNAME` (repeatable)")
 	return cmd
 }
 
@@ -220,10 +236,58 @@ func (f serveFlags) config(cmd *cobra.Command) (*config.Config, error) {
 	if set("admin-insecure") {
 		c.Admin.Insecure = f.adminInsecure
 	}
+	if err := f.edge(c, set); err != nil {
+		return nil, err
+	}
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// edge lays the --edge-* flags over c.Edge.
+func (f serveFlags) edge(c *config.Config, set func(string) bool) error {
+	listen := func(flag, s string) (config.ListenAddr, error) {
+		if s == "" {
+			return config.ListenAddr{}, nil
+		}
+		r, err := config.ParseTCPRoute(s + "=flag.invalid")
+		if err != nil {
+			return config.ListenAddr{}, fmt.Errorf("--%s %q: want [ADDR]:PORT", flag, s)
+		}
+		return r.Listen, nil
+	}
+	var err error
+	if set("edge-http") {
+		if c.Edge.HTTP, err = listen("edge-http", f.edgeHTTP); err != nil {
+			return err
+		}
+	}
+	if set("edge-https") {
+		if c.Edge.HTTPS, err = listen("edge-https", f.edgeHTTPS); err != nil {
+			return err
+		}
+	}
+	if set("edge-cert") || set("edge-key") {
+		if len(f.edgeCerts) != len(f.edgeKeys) {
+			return fmt.Errorf("--edge-cert and --edge-key: %d certificates and %d keys; give them in pairs", len(f.edgeCerts), len(f.edgeKeys))
+		}
+		c.Edge.Certificates = nil
+		for i := range f.edgeCerts {
+			c.Edge.Certificates = append(c.Edge.Certificates, config.Certificate{Cert: f.edgeCerts[i], Key: f.edgeKeys[i]})
+		}
+	}
+	if set("edge-tcp") {
+		c.Edge.TCP = nil
+		for _, s := range f.edgeTCP {
+			r, err := config.ParseTCPRoute(s)
+			if err != nil {
+				return fmt.Errorf("--edge-tcp %q: %v", s, err)
+			}
+			c.Edge.TCP = append(c.Edge.TCP, r)
+		}
+	}
+	return nil
 }
 
 func parseRules(flag string, in []string) ([]nat.Rule, error) {
@@ -280,7 +344,11 @@ func runServe(cmd *cobra.Command, f serveFlags) error {
 	raiseFileLimit(log, conf.Table.MaxFlows)
 
 	ctx := cmd.Context()
-	svc, err := service.New(ctx, serviceOptions(cmd, f, conf, log))
+	sopts := serviceOptions(cmd, f, conf, log)
+	if sopts.Edge, err = conf.EdgeOptions(); err != nil {
+		return err
+	}
+	svc, err := service.New(ctx, sopts)
 	if err != nil {
 		return err
 	}
@@ -348,10 +416,12 @@ func onHangup(ctx context.Context, reload func()) (stop func()) {
 func warnRestart(log *zap.Logger, old, next *config.Config) {
 	a, b := old.Clone(), next.Clone()
 	a.Policy, b.Policy = config.Policy{}, config.Policy{}
+	a.Edge.Hostnames, b.Edge.Hostnames = nil, nil
+	a.Edge.OnlyListed, b.Edge.OnlyListed = false, false
 	ya, _ := config.Marshal(a)
 	yb, _ := config.Marshal(b)
 	if string(ya) != string(yb) {
-		log.Warn("the new configuration changes settings other than the policy and limits; they apply at the next restart")
+		log.Warn("the new configuration changes settings other than the policy, the limits and the edge's hostnames; they apply at the next restart")
 	}
 }
 

@@ -680,8 +680,9 @@ func e2eRemoveStaleNamespaces(t *testing.T, ctx context.Context) {
 	for _, line := range e2eNonEmptyLines(string(out)) {
 		name, _, _ := strings.Cut(line, " ")
 		var pidStr string
-		// sl*: TestServeTUNEndToEnd; sw*: TestServeWireGuardEndToEnd.
-		for _, p := range []string{"slc-", "slg-", "sls-", "swc-", "swg-", "sws-"} {
+		// sl*: TestServeTUNEndToEnd; sw*: TestServeWireGuardEndToEnd;
+		// sx*: TestExposeEndToEnd.
+		for _, p := range []string{"slc-", "slg-", "sls-", "swc-", "swg-", "sws-", "sxo-", "sxg-", "sxc-"} {
 			if s, ok := strings.CutPrefix(name, p); ok {
 				pidStr = s
 			}
@@ -1072,6 +1073,8 @@ func TestServeTUNHelperProcess(t *testing.T) {
 		err = e2eHelperDNSServer(args)
 	case "dns-query":
 		err = e2eHelperDNSQuery(args)
+	case "expose-origin": // expose_e2e_test.go
+		err = e2eHelperExposeOrigin(args)
 	default:
 		err = fmt.Errorf("unknown role %q", role)
 	}

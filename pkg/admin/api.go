@@ -9,6 +9,8 @@ import (
 	"errors"
 	"net/netip"
 	"time"
+
+	"github.com/sluice-vpn/sluice/pkg/edge/registry"
 )
 
 // PeerInfo describes a peer and its WireGuard status.
@@ -71,6 +73,15 @@ type FlowBackend interface {
 // StatusBackend reports the gateway at a glance.
 type StatusBackend interface {
 	Status(ctx context.Context) (Status, error)
+}
+
+// ServiceInfo is a published hostname with its replicas: the agents that
+// serve it, their labels, weights and health.
+type ServiceInfo = registry.Service
+
+// ServiceBackend lists the services that peers publish through the edge.
+type ServiceBackend interface {
+	Services(ctx context.Context) ([]ServiceInfo, error)
 }
 
 // ConfigBackend shows and reloads the running configuration.

@@ -113,6 +113,13 @@ func (c *Client) RemovePeer(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/peers/"+url.PathEscape(name), nil, nil)
 }
 
+// Services lists the published hostnames and their replicas.
+func (c *Client) Services(ctx context.Context) ([]ServiceInfo, error) {
+	var svcs []ServiceInfo
+	err := c.do(ctx, http.MethodGet, "/v1/services", nil, &svcs)
+	return svcs, err
+}
+
 // Status returns the gateway at a glance.
 func (c *Client) Status(ctx context.Context) (Status, error) {
 	var st Status

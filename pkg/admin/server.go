@@ -23,8 +23,9 @@ type Options struct {
 	Peers   PeerBackend
 	Flows   FlowBackend
 	Status  StatusBackend
-	Config  ConfigBackend
-	Metrics prometheus.Gatherer
+	Config   ConfigBackend
+	Services ServiceBackend
+	Metrics  prometheus.Gatherer
 	// Ready reports whether the gateway serves traffic; nil means always.
 	Ready func() bool
 }
@@ -43,6 +44,7 @@ type Options struct {
 //	DELETE /v1/flows/{id}
 //	DELETE /v1/flows?FILTER        {"deleted": N}; a filter, or all=true, is required
 //	GET    /v1/events?FILTER       newline-delimited FlowEvents, until the client leaves
+//	GET    /v1/services            []ServiceInfo: published hostnames and their replicas
 //	GET    /v1/config              the running configuration, YAML
 //	POST   /v1/reload
 //	GET    /debug/pprof/...        Go's profiles (net/http/pprof)
@@ -102,6 +104,12 @@ func NewHandler(o Options) http.Handler {
 	}
 	if b := o.Flows; b != nil {
 		flowRoutes(mux, b)
+	}
+	if b := o.Services; b != nil {
+		mux.HandleFunc("GET /v1/services", func(w http.ResponseWriter, r *http.Request) {
+			svcs, err := b.Services(r.Context())
+			reply(w, svcs, err)
+		})
 	}
 	if b := o.Config; b != nil {
 		mux.HandleFunc("GET /v1/config", func(w http.ResponseWriter, r *http.Request) {

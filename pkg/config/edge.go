@@ -451,17 +451,10 @@ func parseListenOff(s string) (ListenAddr, error) {
 	return parseListen(s)
 }
 
-func formatListenOff(l ListenAddr) string {
-	if l.Port == 0 {
-		return ""
-	}
-	return l.String()
-}
-
 func (e Edge) file() fileEdge {
 	f := fileEdge{
-		HTTP:         formatListenOff(e.HTTP),
-		HTTPS:        formatListenOff(e.HTTPS),
+		HTTP:         listenOff(e.HTTP),
+		HTTPS:        listenOff(e.HTTPS),
 		Certificates: make([]fileCertificate, len(e.Certificates)),
 		TCP:          texts(e.TCP, TCPRoute.String),
 		OnlyListed:   e.OnlyListed,

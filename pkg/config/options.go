@@ -1,7 +1,14 @@
 package config
 
 import (
+	"crypto/tls"
+	"fmt"
+	"maps"
+	"slices"
+
 	"github.com/sluice-vpn/sluice/nat"
+	"github.com/sluice-vpn/sluice/pkg/edge"
+	"github.com/sluice-vpn/sluice/pkg/edge/registry"
 	"github.com/sluice-vpn/sluice/pkg/gateway"
 	"github.com/sluice-vpn/sluice/pkg/service"
 )
@@ -61,7 +68,12 @@ func (c *Config) Reloadable() service.Reloadable {
 			lo.Peers[name] = natLimits(*pp.Limits)
 		}
 	}
-	return service.Reloadable{Policy: p, Limits: lo}
+	r := service.Reloadable{Policy: p, Limits: lo}
+	if c.Edge.Enabled() {
+		hosts, policies := c.edgeHostnames()
+		r.Edge = &service.EdgeReload{Hostnames: hosts, OnlyListed: c.Edge.OnlyListed, Policies: policies}
+	}
+	return r
 }
 
 // natLimits maps the file's "zero is no limit" onto nat's, where zero
@@ -75,4 +87,69 @@ func natLimits(l Limits) nat.Limits {
 		n.MaxFlows = -1
 	}
 	return n
+}
+
+// EdgeOptions are the service's edge options from c, with the
+// certificates read from their files; nil when no edge listener is
+// configured. Errors name the field.
+func (c *Config) EdgeOptions() (*service.EdgeOptions, error) {
+	e := c.Edge
+	if !e.Enabled() {
+		return nil, nil
+	}
+	hosts, policies := c.edgeHostnames()
+	o := &service.EdgeOptions{
+		Registry: registry.Options{Hostnames: hosts, OnlyListed: e.OnlyListed, Lease: e.Lease},
+		Edge: edge.Options{
+			HTTPAddr:    listenOff(e.HTTP),
+			HTTPSAddr:   listenOff(e.HTTPS),
+			Hostnames:   policies,
+			DialTimeout: e.DialTimeout,
+		},
+	}
+	for _, r := range e.TCP {
+		o.Edge.TCP = append(o.Edge.TCP, edge.TCPRoute{Addr: r.Listen.String(), Hostname: r.Hostname})
+	}
+	for i, cert := range e.Certificates {
+		pair, err := tls.LoadX509KeyPair(cert.Cert, cert.Key)
+		if err != nil {
+			return nil, &FieldError{Field: fmt.Sprintf("edge.certificates[%d]", i), Msg: err.Error()}
+		}
+		o.Edge.Certificates = append(o.Edge.Certificates, pair)
+	}
+	return o, nil
+}
+
+// edgeHostnames splits the hostnames' settings between the registry
+// (who serves, and in which shares) and the edge (who may ask).
+func (c *Config) edgeHostnames() (map[string]registry.Hostname, map[string]edge.Policy) {
+	hosts := make(map[string]registry.Hostname, len(c.Edge.Hostnames))
+	policies := make(map[string]edge.Policy, len(c.Edge.Hostnames))
+	for name, h := range c.Edge.Hostnames {
+		rh := registry.Hostname{Peers: slices.Clone(h.Peers)}
+		for _, w := range h.Weights {
+			rh.Weights = append(rh.Weights, registry.Weight{Labels: maps.Clone(w.Labels), Weight: w.Weight})
+		}
+		hosts[name] = rh
+		policies[name] = edge.Policy{
+			RatePerClient:  h.Rate.PerClient,
+			BurstPerClient: h.Rate.PerClientBurst,
+			RateTotal:      h.Rate.Total,
+			BurstTotal:     h.Rate.TotalBurst,
+			Allow:          slices.Clone(h.Allow),
+			Deny:           slices.Clone(h.Deny),
+			Paths:          slices.Clone(h.Paths),
+			BearerTokens:   slices.Clone(h.Auth.Bearer),
+			BasicUsers:     maps.Clone(h.Auth.Basic),
+			ProxyProtocol:  h.ProxyProtocol,
+		}
+	}
+	return hosts, policies
+}
+
+func listenOff(l ListenAddr) string {
+	if l.Port == 0 {
+		return ""
+	}
+	return l.String()
 }

@@ -12,6 +12,8 @@ import (
 type Reloadable struct {
 	Policy nat.PolicyOptions
 	Limits nat.LimiterOptions
+	// Edge is the edge's part; nil leaves it as it is.
+	Edge *EdgeReload
 }
 
 // Flows implements admin.FlowBackend.
@@ -136,6 +138,9 @@ func (s *Service) Reload(ctx context.Context) error {
 		return fmt.Errorf("%w: %v", admin.ErrInvalid, err)
 	}
 	if err := s.gw.SetPolicy(r.Policy); err != nil {
+		return fmt.Errorf("%w: %v", admin.ErrInvalid, err)
+	}
+	if err := s.reloadEdge(r.Edge); err != nil {
 		return fmt.Errorf("%w: %v", admin.ErrInvalid, err)
 	}
 	s.mu.Lock()

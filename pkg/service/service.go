@@ -23,6 +23,8 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/sluice-vpn/sluice/pkg/admin"
+	"github.com/sluice-vpn/sluice/pkg/edge"
+	"github.com/sluice-vpn/sluice/pkg/edge/registry"
 	"github.com/sluice-vpn/sluice/pkg/gateway"
 	"github.com/sluice-vpn/sluice/pkg/state"
 	"github.com/sluice-vpn/sluice/tunnel/wireguard"
@@ -78,6 +80,9 @@ type Options struct {
 	// ShutdownGrace is how long Run lets open flows drain once its
 	// context is done [30s].
 	ShutdownGrace time.Duration
+	// Edge publishes the services that peers expose; nil publishes
+	// none. WireGuard mode only.
+	Edge *EdgeOptions
 	// Reload re-reads the configuration on SIGHUP or an admin call; nil
 	// means the configuration cannot be reloaded. It returns what can
 	// change at once, and the new configuration as YAML for the API.
@@ -103,6 +108,10 @@ type Service struct {
 	reloadMu   sync.Mutex
 
 	first *NewPeer
+
+	registry *registry.Registry // nil without an edge
+	edge     *edge.Edge
+	control  *controlServer // nil in TUN mode
 }
 
 // New opens the state directory and takes its lock for the service's
@@ -276,11 +285,18 @@ func (s *Service) Run(ctx context.Context) error {
 	if err := s.gw.Start(runCtx); err != nil {
 		return err
 	}
-	h := admin.NewHandler(admin.Options{
+	aopts := admin.Options{
 		Peers: s, Flows: s, Status: s, Config: s,
-		Metrics: s.metrics(),
-		Ready:   s.gw.Ready,
-	})
+		Ready: s.gw.Ready,
+	}
+	if !s.isTUN() {
+		if err := s.startEdge(runCtx); err != nil {
+			return err
+		}
+		aopts.Services = s
+	}
+	aopts.Metrics = s.metrics()
+	h := admin.NewHandler(aopts)
 	sock := filepath.Join(s.store.Dir(), SocketName)
 	ln, err := admin.ListenUnix(sock)
 	if err != nil {
@@ -305,7 +321,13 @@ func (s *Service) Run(ctx context.Context) error {
 	<-ctx.Done()
 	// The API stays up while flows drain, so an operator can watch them.
 	grace, cancel := context.WithTimeout(context.Background(), s.opts.ShutdownGrace)
+	edgeDone := make(chan struct{})
+	go func() {
+		defer close(edgeDone)
+		s.stopEdge(grace)
+	}()
 	s.gw.Shutdown(grace)
+	<-edgeDone
 	cancel()
 	stopAPI()
 	var errs []error
@@ -322,6 +344,9 @@ func (s *Service) metrics() *prometheus.Registry {
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		s.gw.Collector(),
 	)
+	if s.edge != nil {
+		reg.MustRegister(s.edge.Collector())
+	}
 	return reg
 }
 

@@ -2,6 +2,7 @@ package service
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/sluice-vpn/sluice/pkg/admin"
@@ -20,6 +21,10 @@ const (
 // WireGuard state that happens to be there is left as it is.
 func newTUN(ctx context.Context, opts Options) (*Service, error) {
 	dev := opts.Device
+	if opts.Edge != nil {
+		dev.Close()
+		return nil, errors.New("service: Options.Edge: the edge publishes services of WireGuard peers; TUN mode has none")
+	}
 	s, err := open(ctx, opts)
 	if err != nil {
 		dev.Close()

@@ -1,0 +1,432 @@
+package service
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+
+	"github.com/sluice-vpn/sluice/pkg/client"
+	"github.com/sluice-vpn/sluice/pkg/edge"
+	"github.com/sluice-vpn/sluice/pkg/edge/registry"
+	"github.com/sluice-vpn/sluice/pkg/expose"
+)
+
+// The whole of expose in one process: a WireGuard gateway with its edge,
+// and agents that join it as peers through pkg/client, each publishing a
+// loopback origin. Requests go client -> edge -> tunnel -> agent ->
+// origin, over real sockets and real WireGuard.
+
+// origin is a loopback web service that counts what reaches it.
+type origin struct {
+	name string
+	hits atomic.Int64
+	srv  *httptest.Server
+}
+
+func newOrigin(t *testing.T, name string, extra func(mux *http.ServeMux)) *origin {
+	t.Helper()
+	o := &origin{name: name}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		o.hits.Add(1)
+		fmt.Fprintf(w, "%s %s %s", o.name, r.Header.Get("X-Forwarded-For"), r.Host)
+	})
+	if extra != nil {
+		extra(mux)
+	}
+	o.srv = httptest.NewServer(mux)
+	t.Cleanup(o.srv.Close)
+	return o
+}
+
+// agentRun is an agent publishing an origin, with its own tunnel.
+type agentRun struct {
+	agent    *expose.Agent
+	client   *client.Client
+	cancel   context.CancelFunc
+	done     chan error
+	stopOnce sync.Once
+}
+
+// addPeer adds a peer to the gateway and returns its configuration.
+func addPeer(t *testing.T, r *running, name string) string {
+	t.Helper()
+	np, err := AddPeer(context.Background(), r.dir, PeerRequest{Name: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return np.Config.String()
+}
+
+// startAgent adds a peer to the gateway and runs an agent as that peer.
+func startAgent(t *testing.T, r *running, peer, hostname, to string, labels map[string]string) (*agentRun, string) {
+	t.Helper()
+	conf := addPeer(t, r, peer)
+	return runAgent(t, conf, hostname, to, labels), conf
+}
+
+// runAgent brings a tunnel up with conf and runs an agent on it, until
+// the test ends.
+func runAgent(t *testing.T, conf, hostname, to string, labels map[string]string) *agentRun {
+	t.Helper()
+	c, err := client.New(client.Options{ConfigText: conf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := c.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	control, err := expose.ControlAddr(c.DNSServers())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := expose.New(expose.Options{Tunnel: c, Control: control, Hostname: hostname, To: to, Labels: labels})
+	if err != nil {
+		t.Fatal(err)
+	}
+	actx, acancel := context.WithCancel(context.Background())
+	ar := &agentRun{agent: a, client: c, cancel: acancel, done: make(chan error, 1)}
+	go func() { ar.done <- a.Run(actx) }()
+	t.Cleanup(ar.stop)
+	select {
+	case <-a.Registered():
+	case err := <-ar.done:
+		t.Fatalf("agent for %s: %v", hostname, err)
+	case <-time.After(20 * time.Second):
+		t.Fatalf("agent for %s never registered: %+v", hostname, a.Stats())
+	}
+	return ar
+}
+
+func (a *agentRun) stop() {
+	a.stopOnce.Do(func() {
+		a.cancel()
+		<-a.done
+	})
+}
+
+// kill takes the agent away as a crash would: its tunnel goes first, so
+// it cannot withdraw its registration.
+func (a *agentRun) kill() {
+	a.client.Close()
+	a.stop()
+}
+
+func startEdgeService(t *testing.T, mod func(*EdgeOptions)) (*running, string) {
+	t.Helper()
+	eo := &EdgeOptions{
+		Registry: registry.Options{Lease: 2 * time.Second},
+		Edge:     edge.Options{HTTPAddr: "127.0.0.1:0", DialTimeout: time.Second},
+	}
+	if mod != nil {
+		mod(eo)
+	}
+	r := startRunning(t, func(o *Options) { o.Edge = eo })
+	waitFor(t, 10*time.Second, func() bool { return r.svc.edge != nil && r.svc.edge.HTTPAddr() != nil })
+	return r, r.svc.edge.HTTPAddr().String()
+}
+
+func waitFor(t *testing.T, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out waiting")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// edgeGet sends a request for host to the edge.
+func edgeGet(hc *http.Client, edgeAddr, host, path string, hdr http.Header) (int, string, error) {
+	req, err := http.NewRequest(http.MethodGet, "http://"+edgeAddr+path, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	req.Host = host
+	for k, v := range hdr {
+		req.Header[k] = v
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+func TestExposeWeightedSplitAndFailover(t *testing.T) {
+	const host = "app.sluice.test"
+	r, edgeAddr := startEdgeService(t, func(o *EdgeOptions) {
+		o.Registry.Hostnames = map[string]registry.Hostname{host: {
+			Peers: []string{"stable", "canary"},
+			Weights: []registry.Weight{
+				{Labels: map[string]string{"release": "stable"}, Weight: 90},
+				{Labels: map[string]string{"release": "canary"}, Weight: 10},
+			},
+		}}
+	})
+	stable := newOrigin(t, "stable", nil)
+	canary := newOrigin(t, "canary", nil)
+	startAgent(t, r, "stable", host, stable.srv.URL, map[string]string{"release": "stable"})
+	canaryAgent, canaryConf := startAgent(t, r, "canary", host, canary.srv.URL, map[string]string{"release": "canary"})
+
+	// The registry lists both, with their shares.
+	svcs, err := r.unix.Services(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(svcs) != 1 || svcs[0].Hostname != host || len(svcs[0].Replicas) != 2 {
+		t.Fatalf("services: %+v", svcs)
+	}
+	for _, rep := range svcs[0].Replicas {
+		if !rep.Healthy || (rep.Peer == "stable") != (rep.Weight == 90) {
+			t.Errorf("replica %+v", rep)
+		}
+	}
+
+	hc := &http.Client{Timeout: 20 * time.Second}
+	counts := map[string]int{}
+	const n = 1000
+	for i := 0; i < n; i++ {
+		code, body, err := edgeGet(hc, edgeAddr, host, "/", nil)
+		if err != nil || code != http.StatusOK {
+			t.Fatalf("request %d: %d %q %v", i, code, body, err)
+		}
+		name, rest, _ := strings.Cut(body, " ")
+		counts[name]++
+		if i == 0 && !strings.HasPrefix(rest, "127.0.0.1 "+host) {
+			t.Errorf("the origin saw X-Forwarded-For and Host %q, want 127.0.0.1 and %s", rest, host)
+		}
+	}
+	t.Logf("split over %d requests: %v", n, counts)
+	if counts["stable"] < 880 || counts["stable"] > 920 || counts["stable"]+counts["canary"] != n {
+		t.Fatalf("split %v, want 90/10 within 2 %%", counts)
+	}
+
+	// Kill the canary in the middle of a stream of requests: not one
+	// fails, and soon all go to the stable replica.
+	var failed, toCanary, total atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				code, body, err := edgeGet(hc, edgeAddr, host, "/", nil)
+				total.Add(1)
+				if err != nil || code != http.StatusOK {
+					failed.Add(1)
+					t.Logf("failed: %d %q %v", code, body, err)
+					continue
+				}
+				if strings.HasPrefix(body, "canary") {
+					toCanary.Add(1)
+				}
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	canaryAgent.kill()
+	killed := canary.hits.Load()
+	time.Sleep(5 * time.Second)
+	close(stop)
+	wg.Wait()
+	if failed.Load() != 0 {
+		t.Fatalf("%d of %d requests failed while a replica went away", failed.Load(), total.Load())
+	}
+	if after := canary.hits.Load() - killed; after != 0 {
+		t.Fatalf("the killed canary served %d requests", after)
+	}
+	t.Logf("%d requests while the canary died, none failed", total.Load())
+	// The registry has let it go.
+	waitFor(t, 10*time.Second, func() bool {
+		svcs, err := r.unix.Services(context.Background())
+		return err == nil && len(svcs) == 1 && len(svcs[0].Replicas) == 1 && svcs[0].Replicas[0].Peer == "stable"
+	})
+
+	// It comes back, and is put back into rotation.
+	runAgent(t, canaryConf, host, canary.srv.URL, map[string]string{"release": "canary"})
+	before := canary.hits.Load()
+	for i := 0; i < 50; i++ {
+		if code, _, err := edgeGet(hc, edgeAddr, host, "/", nil); err != nil || code != http.StatusOK {
+			t.Fatalf("after the canary came back: %d %v", code, err)
+		}
+	}
+	if got := canary.hits.Load() - before; got < 3 || got > 8 {
+		t.Fatalf("the canary served %d of 50 requests after coming back, want about 5", got)
+	}
+}
+
+func TestExposePoliciesAndStreaming(t *testing.T) {
+	const token = "s3cret-token"
+	r, edgeAddr := startEdgeService(t, func(o *EdgeOptions) {
+		o.Edge.Hostnames = map[string]edge.Policy{
+			// Loopback clients are outside the list.
+			"guarded.sluice.test": {Allow: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}},
+			"token.sluice.test":   {BearerTokens: []string{edge.HashSecret(token)}},
+		}
+	})
+
+	guarded := newOrigin(t, "guarded", nil)
+	tokened := newOrigin(t, "token", nil)
+	sseStep := make(chan struct{})
+	stream := newOrigin(t, "stream", func(mux *http.ServeMux) {
+		mux.Handle("/ws", websocket.Handler(func(ws *websocket.Conn) { io.Copy(ws, ws) }))
+		mux.HandleFunc("/events", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			fmt.Fprint(w, "data: one\n\n")
+			w.(http.Flusher).Flush()
+			// The second event waits until the client has read the
+			// first: only an edge that streams lets it.
+			select {
+			case <-sseStep:
+			case <-time.After(10 * time.Second):
+				return
+			}
+			fmt.Fprint(w, "data: two\n\n")
+		})
+	})
+	startAgent(t, r, "guard", "guarded.sluice.test", guarded.srv.URL, nil)
+	startAgent(t, r, "tok", "token.sluice.test", tokened.srv.URL, nil)
+	startAgent(t, r, "streamer", "stream.sluice.test", stream.srv.URL, nil)
+	hc := &http.Client{Timeout: 20 * time.Second}
+
+	t.Run("unknown host", func(t *testing.T) {
+		code, body, err := edgeGet(hc, edgeAddr, "nobody.sluice.test", "/", nil)
+		if err != nil || code != http.StatusNotFound || !strings.Contains(body, "nobody.sluice.test") {
+			t.Fatalf("%d %q %v; want 404 naming the host", code, body, err)
+		}
+	})
+
+	t.Run("allow list", func(t *testing.T) {
+		code, _, err := edgeGet(hc, edgeAddr, "guarded.sluice.test", "/", nil)
+		if err != nil || code != http.StatusForbidden {
+			t.Fatalf("%d %v; want 403", code, err)
+		}
+		if n := guarded.hits.Load(); n != 0 {
+			t.Fatalf("the origin received %d refused requests", n)
+		}
+	})
+
+	t.Run("bearer token", func(t *testing.T) {
+		code, _, err := edgeGet(hc, edgeAddr, "token.sluice.test", "/", nil)
+		if err != nil || code != http.StatusUnauthorized {
+			t.Fatalf("no token: %d %v; want 401", code, err)
+		}
+		code, _, err = edgeGet(hc, edgeAddr, "token.sluice.test", "/", http.Header{"Authorization": {"Bearer wrong"}})
+		if err != nil || code != http.StatusUnauthorized {
+			t.Fatalf("wrong token: %d %v; want 401", code, err)
+		}
+		if n := tokened.hits.Load(); n != 0 {
+			t.Fatalf("the origin received %d refused requests", n)
+		}
+		code, body, err := edgeGet(hc, edgeAddr, "token.sluice.test", "/", http.Header{"Authorization": {"Bearer " + token}})
+		if err != nil || code != http.StatusOK || !strings.HasPrefix(body, "token ") {
+			t.Fatalf("with the token: %d %q %v", code, body, err)
+		}
+		if n := tokened.hits.Load(); n != 1 {
+			t.Fatalf("the origin received %d requests, want 1", n)
+		}
+	})
+
+	t.Run("websocket", func(t *testing.T) {
+		conn, err := net.DialTimeout("tcp", edgeAddr, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(20 * time.Second))
+		cfg, err := websocket.NewConfig("ws://stream.sluice.test/ws", "http://stream.sluice.test/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ws, err := websocket.NewClient(cfg, conn)
+		if err != nil {
+			t.Fatalf("upgrade through the edge: %v", err)
+		}
+		for i := 0; i < 5; i++ {
+			msg := fmt.Sprintf("message %d", i)
+			if err := websocket.Message.Send(ws, msg); err != nil {
+				t.Fatal(err)
+			}
+			var echo string
+			if err := websocket.Message.Receive(ws, &echo); err != nil || echo != msg {
+				t.Fatalf("echo %q, %v; want %q", echo, err, msg)
+			}
+		}
+	})
+
+	t.Run("server-sent events", func(t *testing.T) {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+edgeAddr+"/events", nil)
+		req.Host = "stream.sluice.test"
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" {
+			t.Fatalf("Content-Type %q", ct)
+		}
+		br := bufio.NewReader(resp.Body)
+		line, err := br.ReadString('\n')
+		if err != nil || line != "data: one\n" {
+			t.Fatalf("first event %q, %v", line, err)
+		}
+		close(sseStep)
+		br.ReadString('\n')
+		if line, err = br.ReadString('\n'); err != nil || line != "data: two\n" {
+			t.Fatalf("second event %q, %v", line, err)
+		}
+	})
+
+	// Refusals are counted per hostname and reason.
+	mfs, err := r.svc.metrics().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var refused []string
+	for _, mf := range mfs {
+		if mf.GetName() != "sluice_edge_refused_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			var l []string
+			for _, lp := range m.GetLabel() {
+				l = append(l, lp.GetName()+"="+lp.GetValue())
+			}
+			refused = append(refused, fmt.Sprintf("%s:%g", strings.Join(l, ","), m.GetCounter().GetValue()))
+		}
+	}
+	for _, want := range []string{"hostname=guarded.sluice.test,reason=ip:1", "hostname=token.sluice.test,reason=auth:2"} {
+		found := false
+		for _, got := range refused {
+			found = found || got == want
+		}
+		if !found {
+			t.Errorf("sluice_edge_refused_total has no %s: %v", want, refused)
+		}
+	}
+}
