@@ -20,9 +20,9 @@ import (
 
 // Options are what the API serves; a nil backend leaves its routes out.
 type Options struct {
-	Peers   PeerBackend
-	Flows   FlowBackend
-	Status  StatusBackend
+	Peers    PeerBackend
+	Flows    FlowBackend
+	Status   StatusBackend
 	Config   ConfigBackend
 	Services ServiceBackend
 	Metrics  prometheus.Gatherer
