@@ -125,6 +125,7 @@ type Edge struct {
 	bcrypt    chan struct{} // slots for bcrypt comparisons
 	transport *http.Transport
 	proxy     *httputil.ReverseProxy
+	upstreams upstreams // connections open to replicas
 
 	// ctx is the base of every request and dial; Close cancels it.
 	ctx    context.Context
@@ -336,6 +337,11 @@ func (e *Edge) Start(ctx context.Context) error {
 			e.serveTCP(l, host)
 		}()
 	}
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		e.sweepUpstreams()
+	}()
 	e.stopWatch = context.AfterFunc(ctx, func() { e.Close() })
 	fields := []zap.Field{}
 	for _, l := range lns {

@@ -113,7 +113,7 @@ func (e *Edge) dialTCP(l *listener, host string, st *hostStats, client netip.Add
 		}
 		tried = append(tried, rep.ID)
 		ctx, cancel := context.WithTimeout(e.ctx, e.opts.DialTimeout)
-		up, err := e.opts.Dial(ctx, rep.Addr)
+		up, err := e.dial(ctx, rep.Addr)
 		cancel()
 		if err == nil {
 			e.reg.Report(rep.ID, nil)

@@ -55,7 +55,7 @@ func (e *Edge) dialReplica(ctx context.Context, _, addr string) (net.Conn, error
 	// not the edge.
 	stop := context.AfterFunc(e.ctx, cancel)
 	defer stop()
-	c, err := e.opts.Dial(ctx, ap)
+	c, err := e.dial(ctx, ap)
 	if err != nil {
 		return nil, &dialError{fmt.Errorf("edge: dial replica %s: %w", ap, err)}
 	}
