@@ -2,7 +2,11 @@ package service
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
@@ -287,7 +291,9 @@ func TestExposePoliciesAndStreaming(t *testing.T) {
 			// Loopback clients are outside the list.
 			"guarded.sluice.test": {Allow: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}},
 			"token.sluice.test":   {BearerTokens: []string{edge.HashSecret(token)}},
+			"db.sluice.test":      {ProxyProtocol: true},
 		}
+		o.Edge.TCP = []edge.TCPRoute{{Addr: "127.0.0.1:0", Hostname: "db.sluice.test"}}
 	})
 
 	guarded := newOrigin(t, "guarded", nil)
@@ -295,6 +301,11 @@ func TestExposePoliciesAndStreaming(t *testing.T) {
 	sseStep := make(chan struct{})
 	stream := newOrigin(t, "stream", func(mux *http.ServeMux) {
 		mux.Handle("/ws", websocket.Handler(func(ws *websocket.Conn) { io.Copy(ws, ws) }))
+		mux.HandleFunc("/sum", func(w http.ResponseWriter, r *http.Request) {
+			h := sha256.New()
+			io.Copy(h, r.Body)
+			io.WriteString(w, hex.EncodeToString(h.Sum(nil)))
+		})
 		mux.HandleFunc("/events", func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "text/event-stream")
 			fmt.Fprint(w, "data: one\n\n")
@@ -312,6 +323,8 @@ func TestExposePoliciesAndStreaming(t *testing.T) {
 	startAgent(t, r, "guard", "guarded.sluice.test", guarded.srv.URL, nil)
 	startAgent(t, r, "tok", "token.sluice.test", tokened.srv.URL, nil)
 	startAgent(t, r, "streamer", "stream.sluice.test", stream.srv.URL, nil)
+	db := proxiedEcho(t)
+	startAgent(t, r, "db", "db.sluice.test", "tcp://"+db.Addr().String(), nil)
 	hc := &http.Client{Timeout: 20 * time.Second}
 
 	t.Run("unknown host", func(t *testing.T) {
@@ -379,6 +392,41 @@ func TestExposePoliciesAndStreaming(t *testing.T) {
 		}
 	})
 
+	t.Run("upload", func(t *testing.T) {
+		// 16 MiB up and its digest back, through the tunnel both ways.
+		blob := make([]byte, 16<<20)
+		for i := range blob {
+			blob[i] = byte(i * 7 / 5)
+		}
+		req, _ := http.NewRequest(http.MethodPost, "http://"+edgeAddr+"/sum", bytes.NewReader(blob))
+		req.Host = "stream.sluice.test"
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		got, _ := io.ReadAll(resp.Body)
+		if want := sha256.Sum256(blob); string(got) != hex.EncodeToString(want[:]) {
+			t.Fatalf("the origin's digest %q differs from the upload's", got)
+		}
+	})
+
+	t.Run("tcp with PROXY v2", func(t *testing.T) {
+		conn, err := net.DialTimeout("tcp", r.svc.edge.TCPAddrs()[0].String(), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(20 * time.Second))
+		io.WriteString(conn, "hello\n")
+		line, err := bufio.NewReader(conn).ReadString('\n')
+		// The origin prefixes the echo with the client address the
+		// PROXY header gave it: this connection's own.
+		if want := conn.LocalAddr().String() + " hello\n"; err != nil || line != want {
+			t.Fatalf("echo %q, %v; want %q", line, err, want)
+		}
+	})
+
 	t.Run("server-sent events", func(t *testing.T) {
 		req, _ := http.NewRequest(http.MethodGet, "http://"+edgeAddr+"/events", nil)
 		req.Host = "stream.sluice.test"
@@ -429,4 +477,46 @@ func TestExposePoliciesAndStreaming(t *testing.T) {
 			t.Errorf("sluice_edge_refused_total has no %s: %v", want, refused)
 		}
 	}
+}
+
+// proxiedEcho is a TCP origin behind a PROXY protocol v2 header: it reads
+// the header, then echoes each line prefixed with the client address the
+// header carried.
+func proxiedEcho(t *testing.T) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				hdr := make([]byte, 16)
+				if _, err := io.ReadFull(br, hdr); err != nil || string(hdr[:12]) != "\r\n\r\n\x00\r\nQUIT\n" || hdr[12] != 0x21 || hdr[13] != 0x11 {
+					io.WriteString(c, "bad PROXY header\n")
+					return
+				}
+				addrs := make([]byte, binary.BigEndian.Uint16(hdr[14:]))
+				if _, err := io.ReadFull(br, addrs); err != nil || len(addrs) < 12 {
+					return
+				}
+				src := netip.AddrPortFrom(netip.AddrFrom4([4]byte(addrs[0:4])), binary.BigEndian.Uint16(addrs[8:]))
+				for {
+					line, err := br.ReadString('\n')
+					if err != nil {
+						return
+					}
+					io.WriteString(c, src.String()+" "+line)
+				}
+			}()
+		}
+	}()
+	return ln
 }
