@@ -18,6 +18,9 @@ import (
 	"github.com/sluice-vpn/sluice/tunnel/wireguard"
 )
 
+// exposeStaleAfter is client.Options.StaleAfter for an agent's tunnel.
+const exposeStaleAfter = 10 * time.Second
+
 // exposeFlags are the flags of sluice expose, as typed.
 type exposeFlags struct {
 	configFile         string
@@ -130,7 +133,12 @@ func runExpose(cmd *cobra.Command, f exposeFlags) error {
 	if err != nil {
 		return fmt.Errorf("--config %s: %w", f.configFile, err)
 	}
-	c, err := client.New(client.Options{Config: conf, Logger: log})
+	// The agent's tunnel is never idle: it refreshes its lease every
+	// couple of seconds. A gateway silent for exposeStaleAfter is gone,
+	// or restarted and has forgotten the session, which the client then
+	// drops for a fresh handshake instead of waiting out WireGuard's own
+	// timers.
+	c, err := client.New(client.Options{Config: conf, StaleAfter: exposeStaleAfter, Logger: log})
 	if err != nil {
 		return fmt.Errorf("--config %s: %w", f.configFile, err)
 	}

@@ -71,14 +71,18 @@ func (s *Service) startEdge(ctx context.Context) error {
 		if o.Logger == nil {
 			o.Logger = s.opts.Logger
 		}
-		if s.edge, err = edge.New(o); err != nil {
+		e, err := edge.New(o)
+		if err != nil {
 			ln.Close()
 			return fmt.Errorf("service: %w", err)
 		}
-		if err := s.edge.Start(ctx); err != nil {
+		if err := e.Start(ctx); err != nil {
 			ln.Close()
 			return fmt.Errorf("service: %w", err)
 		}
+		s.mu.Lock()
+		s.edge = e
+		s.mu.Unlock()
 		handler = s.registry.Handler(s.peerOf)
 	}
 	s.control = &controlServer{

@@ -85,7 +85,10 @@ func startAgent(t *testing.T, r *running, peer, hostname, to string, labels map[
 // the test ends.
 func runAgent(t *testing.T, conf, hostname, to string, labels map[string]string) *agentRun {
 	t.Helper()
-	c, err := client.New(client.Options{ConfigText: conf})
+	// An agent's tunnel is never idle (it refreshes its lease every
+	// few hundred milliseconds here): a gateway silent for 3 s is gone,
+	// or restarted and has forgotten the session.
+	c, err := client.New(client.Options{ConfigText: conf, StaleAfter: 3 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,8 +144,8 @@ func startEdgeService(t *testing.T, mod func(*EdgeOptions)) (*running, string) {
 		mod(eo)
 	}
 	r := startRunning(t, func(o *Options) { o.Edge = eo })
-	waitFor(t, 10*time.Second, func() bool { return r.svc.edge != nil && r.svc.edge.HTTPAddr() != nil })
-	return r, r.svc.edge.HTTPAddr().String()
+	waitFor(t, 10*time.Second, func() bool { return r.svc.Edge() != nil })
+	return r, r.svc.Edge().HTTPAddr().String()
 }
 
 func waitFor(t *testing.T, d time.Duration, cond func() bool) {
@@ -412,7 +415,7 @@ func TestExposePoliciesAndStreaming(t *testing.T) {
 	})
 
 	t.Run("tcp with PROXY v2", func(t *testing.T) {
-		conn, err := net.DialTimeout("tcp", r.svc.edge.TCPAddrs()[0].String(), 5*time.Second)
+		conn, err := net.DialTimeout("tcp", r.svc.Edge().TCPAddrs()[0].String(), 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -519,4 +522,62 @@ func proxiedEcho(t *testing.T) net.Listener {
 		}
 	}()
 	return ln
+}
+
+// An agent outlives its gateway: when the gateway restarts (same key and
+// peers, nothing of the registry), the agent finds it again and
+// registers anew by itself.
+func TestExposeAgentReturnsAfterGatewayRestart(t *testing.T) {
+	const host = "back.sluice.test"
+	dir := t.TempDir()
+	opts := testOptions(t, dir)
+	opts.Endpoint = fmt.Sprintf("127.0.0.1:%d", opts.ListenPort)
+	opts.Edge = &EdgeOptions{
+		Registry: registry.Options{Lease: 2 * time.Second},
+		Edge:     edge.Options{HTTPAddr: freeTCPAddr(t), DialTimeout: time.Second},
+	}
+	run := func() (stop func()) {
+		svc, err := New(context.Background(), opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- svc.Run(ctx) }()
+		waitFor(t, 10*time.Second, func() bool { return svc.Edge() != nil })
+		return func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	stop := run()
+	np, err := AddPeer(context.Background(), dir, PeerRequest{Name: "app"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := newOrigin(t, "app", nil)
+	runAgent(t, np.Config.String(), host, o.srv.URL, nil)
+	hc := &http.Client{Timeout: 5 * time.Second}
+	if code, body, err := edgeGet(hc, opts.Edge.Edge.HTTPAddr, host, "/", nil); err != nil || code != http.StatusOK {
+		t.Fatalf("before the restart: %d %q %v", code, body, err)
+	}
+
+	stop()
+	start := time.Now()
+	stop = run()
+	defer stop()
+	deadline := time.Now().Add(45 * time.Second)
+	for {
+		code, _, err := edgeGet(hc, opts.Edge.Edge.HTTPAddr, host, "/", nil)
+		if err == nil && code == http.StatusOK {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent did not come back to the restarted gateway: last answer %d, %v", code, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("served again %v after the gateway restarted", time.Since(start).Round(100*time.Millisecond))
 }

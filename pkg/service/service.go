@@ -110,7 +110,7 @@ type Service struct {
 	first *NewPeer
 
 	registry *registry.Registry // nil without an edge
-	edge     *edge.Edge
+	edge     *edge.Edge         // set under mu, once started
 	control  *controlServer // nil in TUN mode
 }
 
@@ -267,6 +267,14 @@ func (s *Service) loadOrCreate() error {
 // FirstPeer is the peer created on this start because the state had none,
 // with its client configuration; nil otherwise.
 func (s *Service) FirstPeer() *NewPeer { return s.first }
+
+// Edge is the edge that publishes peers' services, once Run has started
+// it; nil before, and without Options.Edge.
+func (s *Service) Edge() *edge.Edge {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.edge
+}
 
 // Gateway is the running gateway.
 func (s *Service) Gateway() *gateway.Server { return s.gw }
