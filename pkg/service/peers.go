@@ -214,6 +214,9 @@ func (s *Service) RemovePeer(_ context.Context, name string) error {
 		return err
 	}
 	s.st = next
+	if s.registry != nil {
+		s.registry.ForgetPeer(name)
+	}
 	return nil
 }
 

@@ -514,6 +514,25 @@ func (r *Registry) Deregister(peer Peer, hostname string, port uint16) error {
 	return nil
 }
 
+// ForgetPeer removes every registration of the named peer, as when the
+// peer is removed from the gateway: its address may soon be another
+// peer's. It returns how many it removed.
+func (r *Registry) ForgetPeer(name string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var gone []*replica
+	for _, rp := range r.byID {
+		if rp.Peer == name {
+			gone = append(gone, rp)
+		}
+	}
+	for _, rp := range gone {
+		r.log.Info("replica removed with its peer", zap.String("replica", rp.ID))
+		r.remove(r.services[rp.Hostname], rp)
+	}
+	return len(gone)
+}
+
 // Known reports whether hostname is registered or configured.
 func (r *Registry) Known(hostname string) bool {
 	r.mu.Lock()

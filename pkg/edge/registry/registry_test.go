@@ -627,3 +627,33 @@ func BenchmarkPick(b *testing.B) {
 		}
 	}
 }
+
+func TestForgetPeer(t *testing.T) {
+	r, err := New(Options{Hostnames: map[string]Hostname{"a.example.com": {Peers: []string{"p", "q"}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, q := Peer{Name: "p", PublicKey: "kp"}, Peer{Name: "q", PublicKey: "kq"}
+	for _, reg := range []struct {
+		peer Peer
+		host string
+		port uint16
+	}{{p, "a.example.com", 1}, {q, "a.example.com", 2}, {p, "b.example.com", 3}} {
+		if _, err := r.Register(reg.peer, netip.MustParseAddr("100.96.0.2"), expose.Registration{Hostname: reg.host, Port: reg.port, Protocol: expose.ProtocolHTTP}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := r.ForgetPeer("p"); n != 2 {
+		t.Fatalf("ForgetPeer removed %d, want 2", n)
+	}
+	if r.Known("b.example.com") {
+		t.Error("b.example.com, p's only, is still known")
+	}
+	rep, err := r.Pick("a.example.com", "", nil)
+	if err != nil || rep.Peer != "q" {
+		t.Errorf("Pick after ForgetPeer: %+v, %v; want q's replica", rep, err)
+	}
+	if n := r.ForgetPeer("p"); n != 0 {
+		t.Errorf("second ForgetPeer removed %d", n)
+	}
+}
