@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -20,7 +19,6 @@ import (
 
 	"github.com/sluice-vpn/sluice/pkg/client"
 	"github.com/sluice-vpn/sluice/pkg/proxy"
-	"github.com/sluice-vpn/sluice/tunnel/wireguard"
 )
 
 // proxyAuthEnv is where --proxy-auth is read from when the flag is not
@@ -166,33 +164,15 @@ func runConnect(cmd *cobra.Command, f connectFlags, argv []string) error {
 		log.Warn("--proxy-insecure without --proxy-auth: whoever reaches the proxies uses your tunnel")
 	}
 
-	text, err := os.ReadFile(f.configFile)
+	c, err := newTunnel(f.configFile, client.Options{Logger: log})
 	if err != nil {
-		return fmt.Errorf("--config: %w", err)
-	}
-	conf, err := wireguard.ParseConfig(string(text))
-	if err != nil {
-		return fmt.Errorf("--config %s: %w", f.configFile, err)
-	}
-	c, err := client.New(client.Options{Config: conf, Logger: log})
-	if err != nil {
-		return fmt.Errorf("--config %s: %w", f.configFile, err)
+		return err
 	}
 	defer c.Close()
 	ctx := cmd.Context()
-	upCtx, cancel := context.WithCancel(ctx)
-	if f.handshakeTimeout > 0 {
-		upCtx, cancel = context.WithTimeout(ctx, f.handshakeTimeout)
+	if up, err := upTunnel(ctx, c, f.handshakeTimeout, log); !up {
+		return err // nil if interrupted while waiting
 	}
-	err = c.Up(upCtx)
-	cancel()
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil // interrupted while waiting
-		}
-		return fmt.Errorf("%w: check the peer's Endpoint and PublicKey, and that the server has this client's public key %s", err, c.PublicKey())
-	}
-	log.Info("tunnel up", zap.Stringers("addresses", c.Addrs()))
 
 	px, err := startProxies(c, f, creds, log)
 	if err != nil {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"strings"
 	"time"
 
@@ -15,7 +14,6 @@ import (
 
 	"github.com/sluice-vpn/sluice/pkg/client"
 	"github.com/sluice-vpn/sluice/pkg/expose"
-	"github.com/sluice-vpn/sluice/tunnel/wireguard"
 )
 
 // exposeStaleAfter is client.Options.StaleAfter for an agent's tunnel.
@@ -125,22 +123,14 @@ func runExpose(cmd *cobra.Command, f exposeFlags) error {
 	log := newLogger(lvl)
 	defer log.Sync()
 
-	text, err := os.ReadFile(f.configFile)
-	if err != nil {
-		return fmt.Errorf("--config: %w", err)
-	}
-	conf, err := wireguard.ParseConfig(string(text))
-	if err != nil {
-		return fmt.Errorf("--config %s: %w", f.configFile, err)
-	}
 	// The agent's tunnel is never idle: it refreshes its lease every
 	// couple of seconds. A gateway silent for exposeStaleAfter is gone,
 	// or restarted and has forgotten the session, which the client then
 	// drops for a fresh handshake instead of waiting out WireGuard's own
 	// timers.
-	c, err := client.New(client.Options{Config: conf, StaleAfter: exposeStaleAfter, Logger: log})
+	c, err := newTunnel(f.configFile, client.Options{StaleAfter: exposeStaleAfter, Logger: log})
 	if err != nil {
-		return fmt.Errorf("--config %s: %w", f.configFile, err)
+		return err
 	}
 	defer c.Close()
 	if !control.IsValid() {
@@ -164,19 +154,10 @@ func runExpose(cmd *cobra.Command, f exposeFlags) error {
 	}
 
 	ctx := cmd.Context()
-	upCtx, cancel := context.WithCancel(ctx)
-	if f.handshakeTimeout > 0 {
-		upCtx, cancel = context.WithTimeout(ctx, f.handshakeTimeout)
+	if up, err := upTunnel(ctx, c, f.handshakeTimeout, log); !up {
+		return err // nil if interrupted while waiting
 	}
-	err = c.Up(upCtx)
-	cancel()
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil // interrupted while waiting
-		}
-		return fmt.Errorf("%w: check the peer's Endpoint and PublicKey, and that the gateway has this peer's public key %s", err, c.PublicKey())
-	}
-	log.Info("tunnel up", zap.Stringers("addresses", c.Addrs()), zap.Stringer("control", control))
+	log.Info("publishing", zap.String("hostname", f.hostname), zap.String("to", f.to), zap.Stringer("control", control))
 	if err := agent.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
