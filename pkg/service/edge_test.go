@@ -39,7 +39,7 @@ type origin struct {
 	srv  *httptest.Server
 }
 
-func newOrigin(t *testing.T, name string, extra func(mux *http.ServeMux)) *origin {
+func newOrigin(t testing.TB, name string, extra func(mux *http.ServeMux)) *origin {
 	t.Helper()
 	o := &origin{name: name}
 	mux := http.NewServeMux()
@@ -65,7 +65,7 @@ type agentRun struct {
 }
 
 // addPeer adds a peer to the gateway and returns its configuration.
-func addPeer(t *testing.T, r *running, name string) string {
+func addPeer(t testing.TB, r *running, name string) string {
 	t.Helper()
 	np, err := AddPeer(context.Background(), r.dir, PeerRequest{Name: name})
 	if err != nil {
@@ -83,7 +83,7 @@ func startAgent(t *testing.T, r *running, peer, hostname, to string, labels map[
 
 // runAgent brings a tunnel up with conf and runs an agent on it, until
 // the test ends.
-func runAgent(t *testing.T, conf, hostname, to string, labels map[string]string) *agentRun {
+func runAgent(t testing.TB, conf, hostname, to string, labels map[string]string) *agentRun {
 	t.Helper()
 	// An agent's tunnel is never idle (it refreshes its lease every
 	// few hundred milliseconds here): a gateway silent for 3 s is gone,
@@ -134,7 +134,7 @@ func (a *agentRun) kill() {
 	a.stop()
 }
 
-func startEdgeService(t *testing.T, mod func(*EdgeOptions)) (*running, string) {
+func startEdgeService(t testing.TB, mod func(*EdgeOptions)) (*running, string) {
 	t.Helper()
 	eo := &EdgeOptions{
 		Registry: registry.Options{Lease: 2 * time.Second},
@@ -148,7 +148,7 @@ func startEdgeService(t *testing.T, mod func(*EdgeOptions)) (*running, string) {
 	return r, r.svc.Edge().HTTPAddr().String()
 }
 
-func waitFor(t *testing.T, d time.Duration, cond func() bool) {
+func waitFor(t testing.TB, d time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {

@@ -29,7 +29,7 @@ type running struct {
 	client *netstacktest.Client
 }
 
-func startRunning(t *testing.T, mod func(*Options)) *running {
+func startRunning(t testing.TB, mod func(*Options)) *running {
 	t.Helper()
 	dir := t.TempDir()
 	opts := testOptions(t, dir)
@@ -64,7 +64,7 @@ func startRunning(t *testing.T, mod func(*Options)) *running {
 	}
 }
 
-func freeTCPAddr(t *testing.T) string {
+func freeTCPAddr(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

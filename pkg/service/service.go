@@ -111,7 +111,7 @@ type Service struct {
 
 	registry *registry.Registry // nil without an edge
 	edge     *edge.Edge         // set under mu, once started
-	control  *controlServer // nil in TUN mode
+	control  *controlServer     // nil in TUN mode
 }
 
 // New opens the state directory and takes its lock for the service's

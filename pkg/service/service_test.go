@@ -20,7 +20,7 @@ import (
 )
 
 // freePort finds a UDP port nothing listens on.
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	c, err := net.ListenUDP("udp", &net.UDPAddr{})
 	if err != nil {
@@ -30,7 +30,7 @@ func freePort(t *testing.T) int {
 	return c.LocalAddr().(*net.UDPAddr).Port
 }
 
-func testOptions(t *testing.T, dir string) Options {
+func testOptions(t testing.TB, dir string) Options {
 	return Options{
 		StateDir:     dir,
 		ListenPort:   freePort(t),
@@ -216,7 +216,7 @@ func TestPeersAppliedWhileRunning(t *testing.T) {
 }
 
 // connect brings up a WireGuard client from a wg-quick configuration.
-func connect(t *testing.T, conf *wireguard.Config) *netstacktest.Client {
+func connect(t testing.TB, conf *wireguard.Config) *netstacktest.Client {
 	t.Helper()
 	// Round-trip the text, as a user would hand it to a client.
 	conf, err := wireguard.ParseConfig(conf.String())
