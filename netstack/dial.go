@@ -34,28 +34,25 @@ func (s *Stack) DialTCP(ctx context.Context, src netip.Addr, dst netip.AddrPort)
 
 // Liveness settings of the gateway's connections into the tunnel. A peer
 // that goes away (its process killed, its laptop closed) sends no FIN or
-// RST: without these, a request written to it would wait for an answer
-// for as long as TCP retransmits, minutes, and an idle connection would
-// never learn.
+// RST: keepalives find out for an idle connection. There is no TCP user
+// timeout: gVisor enforces it even while zero-window probes are answered,
+// so an origin that reads slowly for a while would lose its upload.
+// Whoever dials (the edge) closes the connections of a peer it knows to be
+// gone.
 const (
 	peerKeepaliveIdle     = 10 * time.Second
 	peerKeepaliveInterval = 5 * time.Second
 	peerKeepaliveCount    = 2
-	// peerUserTimeout aborts a connection whose data has gone
-	// unacknowledged this long.
-	peerUserTimeout = 10 * time.Second
 )
 
-// peerLiveness arms keepalives and a user timeout on ep.
+// peerLiveness arms keepalives on ep.
 func peerLiveness(ep tcpip.Endpoint) {
 	ep.SocketOptions().SetKeepAlive(true)
 	idle := tcpip.KeepaliveIdleOption(peerKeepaliveIdle)
 	interval := tcpip.KeepaliveIntervalOption(peerKeepaliveInterval)
-	user := tcpip.TCPUserTimeoutOption(peerUserTimeout)
 	ep.SetSockOpt(&idle)
 	ep.SetSockOpt(&interval)
 	ep.SetSockOptInt(tcpip.KeepaliveCountOption, peerKeepaliveCount)
-	ep.SetSockOpt(&user)
 }
 
 // dialTCP connects an endpoint of st to dst, bound to from if it is not

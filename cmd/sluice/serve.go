@@ -365,14 +365,14 @@ func runServe(cmd *cobra.Command, f serveFlags) error {
 func serviceOptions(cmd *cobra.Command, f serveFlags, conf *config.Config, log *zap.Logger) service.Options {
 	sopts := conf.ServiceOptions()
 	sopts.Logger = log
-	sopts.ConfigYAML, _ = config.Marshal(conf)
+	sopts.ConfigYAML, _ = config.Marshal(conf.Redacted())
 	sopts.Reload = func(context.Context) (service.Reloadable, []byte, error) {
 		next, err := f.config(cmd)
 		if err != nil {
 			return service.Reloadable{}, nil, err
 		}
 		warnRestart(log, conf, next)
-		yaml, err := config.Marshal(next)
+		yaml, err := config.Marshal(next.Redacted())
 		return next.Reloadable(), yaml, err
 	}
 	return sopts

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/crypto/bcrypt"
 	"gopkg.in/yaml.v3"
 
 	"github.com/sluice-vpn/sluice/pkg/expose"
@@ -276,6 +277,9 @@ func checkSecretHash(s string, bcryptOK bool) error {
 		return nil
 	}
 	if bcryptOK && (strings.HasPrefix(s, "$2a$") || strings.HasPrefix(s, "$2b$") || strings.HasPrefix(s, "$2y$")) {
+		if _, err := bcrypt.Cost([]byte(s)); err != nil {
+			return fmt.Errorf("bad bcrypt hash: %v", err)
+		}
 		return nil
 	}
 	if bcryptOK {
@@ -322,9 +326,24 @@ func (e *Edge) validate(p *problems, tun bool) {
 	if e.Lease < time.Second {
 		p.add("edge.lease", "%s is below 1s", formatDuration(e.Lease))
 	}
+	tcpRouted := map[string]bool{}
+	for _, r := range e.TCP {
+		tcpRouted[r.Hostname] = true
+	}
 	for _, name := range slices.Sorted(maps.Keys(e.Hostnames)) {
 		h := e.Hostnames[name]
 		f := "edge.hostnames." + name
+		if tcpRouted[name] {
+			// A TCP route carries bytes, with no request to read a path
+			// or a credential from: refuse the settings rather than let
+			// them look like protection.
+			if len(h.Paths) > 0 {
+				p.add(f+".paths", "%s is routed by edge.tcp, which has no paths to check", name)
+			}
+			if len(h.Auth.Bearer) > 0 || len(h.Auth.Basic) > 0 {
+				p.add(f+".auth", "%s is routed by edge.tcp, which has no requests to authenticate (use allow and deny)", name)
+			}
+		}
 		if err := expose.CheckHostname(name); err != nil {
 			p.add(f, "%v", err)
 		}

@@ -86,6 +86,27 @@ func TestEdgeErrors(t *testing.T) {
 		}
 	}
 
+	// A TCP route has no paths or credentials to check; a bcrypt prefix
+	// is not a bcrypt hash.
+	_, err = Parse([]byte(`edge:
+  tcp: ["5432=db.example.com"]
+  hostnames:
+    db.example.com:
+      paths: [/x]
+      auth:
+        basic:
+          bob: "$2a$garbage"
+`))
+	for _, w := range []string{
+		"edge.hostnames.db.example.com.paths: db.example.com is routed by edge.tcp",
+		"edge.hostnames.db.example.com.auth: db.example.com is routed by edge.tcp",
+		"edge.hostnames.db.example.com.auth.basic.bob: bad bcrypt hash",
+	} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("missing %q in\n%v", w, err)
+		}
+	}
+
 	// The edge serves WireGuard peers; TUN mode has none.
 	c := Default()
 	c.TUN.Name = "sluice0"

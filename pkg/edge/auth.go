@@ -34,6 +34,11 @@ type authenticator struct {
 
 	mu    sync.Mutex
 	cache map[cacheKey]time.Time // successful bcrypt checks -> expiry
+
+	// decoy is one of the bcrypt hashes, which a check for an unknown
+	// user runs against so that it costs what a known user's does; nil
+	// when no user's hash is bcrypt.
+	decoy []byte
 }
 
 type basicUser struct {
@@ -75,6 +80,9 @@ func newAuthenticator(field string, tokens []string, users map[string]string, sl
 				return nil, fmt.Errorf("edge: %s.BasicUsers[%q]: bad bcrypt hash: %w", field, u, err)
 			}
 			a.basic[u] = basicUser{bcrypt: []byte(h)}
+			if a.decoy == nil {
+				a.decoy = []byte(h)
+			}
 		default:
 			return nil, fmt.Errorf("edge: %s.BasicUsers[%q]: want \"sha256:<hex>\" (see HashSecret) or a bcrypt hash, never a plain password", field, u)
 		}
@@ -141,6 +149,14 @@ func (a *authenticator) checkBasic(ctx context.Context, user, pass string) bool 
 		// Do the work a known user costs, so that timing does not
 		// tell which user names exist.
 		subtle.ConstantTimeCompare(d[:], unknownUser[:])
+		if a.decoy != nil {
+			select {
+			case a.slots <- struct{}{}:
+				bcrypt.CompareHashAndPassword(a.decoy, []byte(pass))
+				<-a.slots
+			case <-ctx.Done():
+			}
+		}
 		return false
 	}
 	if u.sha != nil {

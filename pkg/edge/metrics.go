@@ -74,6 +74,31 @@ func (s *stats) host(name string) *hostStats {
 	return h
 }
 
+// pruneStats forgets the counters of hostnames the edge no longer has a
+// reason to know. It runs with every scrape and every upstream sweep, so
+// that hostnames that come and go do not pile up between scrapes, or
+// without any.
+func (e *Edge) pruneStats() {
+	e.stats.mu.RLock()
+	var gone []string
+	for host := range e.stats.hosts {
+		if !e.keepsStats(host) {
+			gone = append(gone, host)
+		}
+	}
+	e.stats.mu.RUnlock()
+	if len(gone) == 0 {
+		return
+	}
+	e.stats.mu.Lock()
+	for _, host := range gone {
+		if !e.keepsStats(host) {
+			delete(e.stats.hosts, host)
+		}
+	}
+	e.stats.mu.Unlock()
+}
+
 // collector reads the edge's counters when Prometheus scrapes.
 type collector struct {
 	e *Edge
@@ -131,17 +156,13 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
 
-	e.stats.mu.Lock()
-	for host := range e.stats.hosts {
-		if !e.keepsStats(host) {
-			delete(e.stats.hosts, host)
-		}
-	}
+	e.pruneStats()
+	e.stats.mu.RLock()
 	hosts := make(map[string]*hostStats, len(e.stats.hosts))
 	for k, v := range e.stats.hosts {
 		hosts[k] = v
 	}
-	e.stats.mu.Unlock()
+	e.stats.mu.RUnlock()
 
 	for host, s := range hosts {
 		for i := range s.codes {

@@ -242,12 +242,26 @@ func (p *policy) retryAfter(limit int) int {
 	return max(1, int(math.Ceil(1/r)))
 }
 
-// admitPath applies Paths to a request's (decoded) URL path.
+// admitPath applies Paths to a request's (decoded) URL path. The origin
+// gets the path as the client sent it, so only a path already in its
+// canonical form can be judged by prefix: "/admin/../public" (or its
+// %2F-encoded twin) is refused, not read as "/public", since an origin
+// that does not clean paths would serve /admin for it.
 func (p *policy) admitPath(urlPath string) bool {
 	if p == nil || len(p.paths) == 0 {
 		return true
 	}
 	clean := path.Clean("/" + urlPath)
+	if strings.HasSuffix(urlPath, "/") && clean != "/" {
+		clean += "/"
+	}
+	if clean != urlPath {
+		return false
+	}
+	clean = strings.TrimSuffix(clean, "/")
+	if clean == "" {
+		clean = "/"
+	}
 	for _, pp := range p.paths {
 		if pathUnder(clean, pp) {
 			return true

@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sluice-vpn/sluice/pkg/edge/registry"
+	"github.com/sluice-vpn/sluice/pkg/expose"
 )
 
 // serveTCP accepts the connections of a TCP route until its listener
@@ -97,7 +98,7 @@ func (e *Edge) serveConn(l *listener, host string, c net.Conn) {
 func (e *Edge) dialTCP(l *listener, host string, st *hostStats, client netip.AddrPort) net.Conn {
 	var tried []string
 	for attempt := 0; attempt < e.opts.Attempts; attempt++ {
-		rep, err := e.reg.Pick(host, "", tried)
+		rep, err := e.reg.Pick(host, expose.ProtocolTCP, tried)
 		if err != nil {
 			if attempt > 0 {
 				return nil // the failures are counted already

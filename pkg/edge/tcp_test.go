@@ -150,10 +150,15 @@ func TestTCPUnknownAndRefused(t *testing.T) {
 	reg := newRegistry(t, nil)
 	o := startTCPOrigin(t, false)
 	register(t, reg, "denied.example.com", o.port, expose.ProtocolTCP, nil)
+	// A hostname served over HTTP is not a TCP route's to reach: its
+	// requests pass the HTTP policy (paths, credentials) that a byte
+	// stream would skip.
+	register(t, reg, "web.example.com", o.port, expose.ProtocolHTTP, nil)
 	e := startEdge(t, Options{Registry: reg,
 		TCP: []TCPRoute{
 			{Addr: "127.0.0.1:0", Hostname: "nothing.example.com"},
 			{Addr: "127.0.0.1:0", Hostname: "denied.example.com"},
+			{Addr: "127.0.0.1:0", Hostname: "web.example.com"},
 		},
 		Hostnames: map[string]Policy{"denied.example.com": {Deny: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}},
 	})
@@ -173,6 +178,7 @@ func TestTCPUnknownAndRefused(t *testing.T) {
 	mustMetric(t, e, "sluice_edge_unknown_host_total", map[string]string{"listener": "tcp:" + e.TCPAddrs()[0].String()}, 1)
 	mustMetric(t, e, "sluice_edge_unknown_host_total", map[string]string{"listener": "tcp:" + e.TCPAddrs()[1].String()}, 0)
 	mustMetric(t, e, "sluice_edge_refused_total", map[string]string{"hostname": "denied.example.com", "reason": "ip"}, 1)
+	mustMetric(t, e, "sluice_edge_refused_total", map[string]string{"hostname": "web.example.com", "reason": "no_replica"}, 1)
 }
 
 func TestTCPRateLimit(t *testing.T) {

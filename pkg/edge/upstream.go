@@ -87,7 +87,8 @@ func (u *upstreams) closeGone(live map[netip.AddrPort]bool) int {
 }
 
 // sweepUpstreams closes, every sweepInterval until the edge closes, the
-// connections to replicas the registry has let go.
+// connections to replicas the registry has let go, and forgets the
+// counters of hostnames that are gone.
 func (e *Edge) sweepUpstreams() {
 	t := time.NewTicker(sweepInterval)
 	defer t.Stop()
@@ -103,6 +104,7 @@ func (e *Edge) sweepUpstreams() {
 				live[r.Addr] = true
 			}
 		}
+		e.pruneStats()
 		if n := e.upstreams.closeGone(live); n > 0 {
 			e.log.Info("closed the connections to replicas that are gone", zap.Int("connections", n))
 		}

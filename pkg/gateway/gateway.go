@@ -396,6 +396,15 @@ func (s *Server) SetLimits(opts nat.LimiterOptions) error {
 // TCP connections to end, then closes the gateway. UDP and ICMP flows have
 // no end of their own to wait for; they close with it.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.Drain(ctx)
+	return s.Close()
+}
+
+// Drain is Shutdown without the close: it stops taking new flows from
+// clients and waits, until ctx is done, for the open TCP connections to
+// end. The gateway's local listeners and DialPeer keep working, so that
+// what is built on them (a publishing edge) can drain in the meantime.
+func (s *Server) Drain(ctx context.Context) {
 	s.draining.Store(true)
 	if n := s.openTCP(); n > 0 {
 		s.log.Info("draining TCP connections", zap.Int("connections", n))
@@ -406,11 +415,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			s.log.Info("grace period over, closing connections", zap.Int("connections", s.openTCP()))
-			return s.Close()
+			return
 		case <-tick.C:
 		}
 	}
-	return s.Close()
 }
 
 func (s *Server) openTCP() int {

@@ -74,22 +74,28 @@ func (s *Server) check(peer string, proto nat.Proto, dst netip.AddrPort) error {
 
 func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Conn, error) {
 	s := (*Server)(h)
+	peer := s.peerOf(src.Addr())
+	// The gateway's own addresses serve DNS, relayed to an upstream
+	// resolver, and the local listeners (ListenLocal), which stay open
+	// while the gateway drains: agents keep their leases while the edge
+	// finishes its requests.
+	to := dst
+	own := s.own[dst.Addr().Unmap()]
+	var dnsUp bool
+	if own {
+		to, dnsUp = s.dns.tcpUpstream(dst)
+		if !dnsUp {
+			return s.dialLocal(peer, src, dst)
+		}
+	}
 	if s.draining.Load() {
 		return nil, s.refuse(errDraining, netstack.RefuseReset)
 	}
-	peer := s.peerOf(src.Addr())
-	// The gateway's own addresses serve DNS, relayed to an upstream
-	// resolver, and the local listeners (ListenLocal).
-	to := dst
-	if s.own[dst.Addr().Unmap()] {
-		up, ok := s.dns.tcpUpstream(dst)
-		if !ok {
-			return s.dialLocal(peer, src, dst)
+	if !own {
+		if err := s.check(peer, nat.TCP, dst); err != nil {
+			h.log.Debug("flow denied", zap.Stringer("src", src), zap.Error(err))
+			return nil, s.refuse(err, netstack.RefuseReset)
 		}
-		to = up
-	} else if err := s.check(peer, nat.TCP, dst); err != nil {
-		h.log.Debug("flow denied", zap.Stringer("src", src), zap.Error(err))
-		return nil, s.refuse(err, netstack.RefuseReset)
 	}
 	release, err := s.limiter.Admit(s.limitKey(peer, src.Addr()))
 	if err != nil {

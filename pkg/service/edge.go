@@ -143,8 +143,10 @@ func (s *Service) reloadEdge(r *EdgeReload) error {
 	if r == nil || s.registry == nil {
 		return nil
 	}
-	if err := s.registry.SetHostnames(r.Hostnames, r.OnlyListed); err != nil {
+	// The policies first: they are what may still fail (a credential
+	// hash, say) once the configuration has validated.
+	if err := s.edge.SetPolicies(r.Policies); err != nil {
 		return err
 	}
-	return s.edge.SetPolicies(r.Policies)
+	return s.registry.SetHostnames(r.Hostnames, r.OnlyListed)
 }

@@ -581,3 +581,72 @@ func TestExposeAgentReturnsAfterGatewayRestart(t *testing.T) {
 	}
 	t.Logf("served again %v after the gateway restarted", time.Since(start).Round(100*time.Millisecond))
 }
+
+// Stopping the gateway lets the edge's requests in flight finish within
+// the grace period: their agents stay reachable, and registered, until
+// then.
+func TestExposeDrainsOnShutdown(t *testing.T) {
+	const host = "slow.sluice.test"
+	dir := t.TempDir()
+	opts := testOptions(t, dir)
+	opts.Endpoint = fmt.Sprintf("127.0.0.1:%d", opts.ListenPort)
+	opts.ShutdownGrace = 20 * time.Second
+	opts.Edge = &EdgeOptions{
+		Registry: registry.Options{Lease: 2 * time.Second},
+		Edge:     edge.Options{HTTPAddr: "127.0.0.1:0", DialTimeout: time.Second},
+	}
+	svc, err := New(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- svc.Run(ctx) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	waitFor(t, 10*time.Second, func() bool { return svc.Edge() != nil })
+	np, err := AddPeer(context.Background(), dir, PeerRequest{Name: "slow"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	arrived := make(chan struct{}, 1)
+	o := newOrigin(t, "slow", func(mux *http.ServeMux) {
+		mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
+			arrived <- struct{}{}
+			// Longer than a lease: the agent must keep its place while
+			// the gateway drains.
+			time.Sleep(3 * time.Second)
+			io.WriteString(w, "finished")
+		})
+	})
+	runAgent(t, np.Config.String(), host, o.srv.URL, nil)
+
+	type answer struct {
+		code int
+		body string
+		err  error
+	}
+	got := make(chan answer, 1)
+	go func() {
+		code, body, err := edgeGet(&http.Client{Timeout: 20 * time.Second}, svc.Edge().HTTPAddr().String(), host, "/slow", nil)
+		got <- answer{code, body, err}
+	}()
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request never reached the origin")
+	}
+	cancel() // stop the gateway while the request is at the origin
+	stopped := time.Now()
+	a := <-got
+	if a.err != nil || a.code != http.StatusOK || a.body != "finished" {
+		t.Fatalf("the request in flight at shutdown: %d %q %v; want it to finish", a.code, a.body, a.err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("answered, and the gateway stopped, %v after the stop", time.Since(stopped).Round(10*time.Millisecond))
+	done <- nil
+}

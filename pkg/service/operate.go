@@ -134,13 +134,13 @@ func (s *Service) Reload(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("%w: %v", admin.ErrInvalid, err)
 	}
+	if err := s.reloadEdge(r.Edge); err != nil {
+		return fmt.Errorf("%w: %v", admin.ErrInvalid, err)
+	}
 	if err := s.gw.SetLimits(r.Limits); err != nil {
 		return fmt.Errorf("%w: %v", admin.ErrInvalid, err)
 	}
 	if err := s.gw.SetPolicy(r.Policy); err != nil {
-		return fmt.Errorf("%w: %v", admin.ErrInvalid, err)
-	}
-	if err := s.reloadEdge(r.Edge); err != nil {
 		return fmt.Errorf("%w: %v", admin.ErrInvalid, err)
 	}
 	s.mu.Lock()

@@ -328,14 +328,17 @@ func (s *Service) Run(ctx context.Context) error {
 
 	<-ctx.Done()
 	// The API stays up while flows drain, so an operator can watch them.
+	// The edge's requests reach their agents through the gateway, so the
+	// gateway closes only once both have drained (or the grace is over).
 	grace, cancel := context.WithTimeout(context.Background(), s.opts.ShutdownGrace)
 	edgeDone := make(chan struct{})
 	go func() {
 		defer close(edgeDone)
 		s.stopEdge(grace)
 	}()
-	s.gw.Shutdown(grace)
+	s.gw.Drain(grace)
 	<-edgeDone
+	s.gw.Close()
 	cancel()
 	stopAPI()
 	var errs []error

@@ -74,7 +74,18 @@ func (h *controlHandler) register(w http.ResponseWriter, req *http.Request, peer
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("registration: bad JSON: %v", err))
 		return
 	}
+	// Who calls is checked again, now that the body is in, together
+	// with the registration, so that ForgetPeer comes before or after
+	// both.
+	h.r.identity.RLock()
+	now, ok := h.peerOf(addr)
+	if !ok || now != peer {
+		h.r.identity.RUnlock()
+		writeError(w, http.StatusForbidden, fmt.Sprintf("%s is no longer peer %s's tunnel address", addr, peer.Name))
+		return
+	}
 	lease, err := h.r.Register(peer, addr, reg)
+	h.r.identity.RUnlock()
 	if err != nil {
 		writeError(w, statusOf(err), err.Error())
 		return

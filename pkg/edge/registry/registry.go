@@ -152,6 +152,12 @@ type Registry struct {
 	now                             func() time.Time
 	log                             *zap.Logger
 
+	// identity orders the control API's check of who calls (read) before
+	// ForgetPeer (write): a peer removed from the gateway between the
+	// check and its registration would otherwise leave a replica behind
+	// at an address that may soon be another peer's.
+	identity sync.RWMutex
+
 	mu         sync.Mutex
 	hosts      map[string]Hostname // configuration, replaced whole
 	onlyListed bool
@@ -518,6 +524,8 @@ func (r *Registry) Deregister(peer Peer, hostname string, port uint16) error {
 // peer is removed from the gateway: its address may soon be another
 // peer's. It returns how many it removed.
 func (r *Registry) ForgetPeer(name string) int {
+	r.identity.Lock()
+	defer r.identity.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var gone []*replica
