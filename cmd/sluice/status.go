@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -57,6 +58,10 @@ func printStatus(w io.Writer, st admin.Status) {
 		fmt.Fprintf(w, "  addresses: %s\n", joinAddrs(st.Addrs))
 	}
 	fmt.Fprintf(w, "  flows: %d\n", st.Flows)
+	if e := st.Edge; e != nil {
+		fmt.Fprintf(w, "  edge: %s\n", strings.Join(e.Listeners, ", "))
+		fmt.Fprintf(w, "  services: %d hostnames, %d of %d replicas healthy\n", e.Hostnames, e.Healthy, e.Replicas)
+	}
 	for _, p := range st.Peers {
 		fmt.Fprintf(w, "\npeer: %s (%s)\n", p.Name, p.PublicKey)
 		if p.Endpoint != "" {

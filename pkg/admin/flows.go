@@ -128,6 +128,17 @@ type Status struct {
 	Addrs      []netip.Addr `json:"addrs,omitempty"`
 	Flows      int          `json:"flows"`
 	Peers      []PeerStatus `json:"peers"`
+	// Edge is the edge that publishes peers' services; nil without one.
+	Edge *EdgeStatus `json:"edge,omitempty"`
+}
+
+// EdgeStatus is the edge at a glance: where it listens and what it
+// publishes.
+type EdgeStatus struct {
+	Listeners []string `json:"listeners"` // "http 0.0.0.0:80", "tcp 0.0.0.0:2222"
+	Hostnames int      `json:"hostnames"`
+	Replicas  int      `json:"replicas"`
+	Healthy   int      `json:"healthy"`
 }
 
 // PeerStatus is a peer with its flows.

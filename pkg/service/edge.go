@@ -150,3 +150,23 @@ func (s *Service) reloadEdge(r *EdgeReload) error {
 	}
 	return s.registry.SetHostnames(r.Hostnames, r.OnlyListed)
 }
+
+// edgeStatus is the edge's part of Status; nil without an edge.
+func (s *Service) edgeStatus() *admin.EdgeStatus {
+	e := s.Edge()
+	if e == nil {
+		return nil
+	}
+	st := &admin.EdgeStatus{Listeners: []string{}}
+	if a := e.HTTPAddr(); a != nil {
+		st.Listeners = append(st.Listeners, "http "+a.String())
+	}
+	if a := e.HTTPSAddr(); a != nil {
+		st.Listeners = append(st.Listeners, "https "+a.String())
+	}
+	for _, a := range e.TCPAddrs() {
+		st.Listeners = append(st.Listeners, "tcp "+a.String())
+	}
+	st.Hostnames, st.Replicas, st.Healthy = s.registry.Counts()
+	return st
+}

@@ -207,6 +207,14 @@ func TestExposeWeightedSplitAndFailover(t *testing.T) {
 			t.Errorf("replica %+v", rep)
 		}
 	}
+	st, err := r.unix.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := st.Edge; e == nil || e.Hostnames != 1 || e.Replicas != 2 || e.Healthy != 2 ||
+		len(e.Listeners) != 1 || e.Listeners[0] != "http "+edgeAddr {
+		t.Errorf("status of the edge: %+v", st.Edge)
+	}
 
 	hc := &http.Client{Timeout: 20 * time.Second}
 	counts := map[string]int{}

@@ -108,6 +108,7 @@ func (s *Service) Status(ctx context.Context) (admin.Status, error) {
 	for i, p := range peers {
 		st.Peers[i] = admin.PeerStatus{PeerInfo: p, Flows: perPeer[p.Name]}
 	}
+	st.Edge = s.edgeStatus()
 	return st, nil
 }
 
