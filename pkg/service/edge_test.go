@@ -658,3 +658,49 @@ func TestExposeDrainsOnShutdown(t *testing.T) {
 	t.Logf("answered, and the gateway stopped, %v after the stop", time.Since(stopped).Round(10*time.Millisecond))
 	done <- nil
 }
+
+// A reload changes the edge's policies and the registry's hostnames at
+// once, for the next request.
+func TestExposeReload(t *testing.T) {
+	const host = "reload.sluice.test"
+	var next atomic.Pointer[EdgeReload]
+	eo := &EdgeOptions{
+		Registry: registry.Options{Lease: 2 * time.Second},
+		Edge:     edge.Options{HTTPAddr: "127.0.0.1:0", DialTimeout: time.Second},
+	}
+	r := startRunning(t, func(o *Options) {
+		o.Edge = eo
+		o.Reload = func(context.Context) (Reloadable, []byte, error) {
+			return Reloadable{Edge: next.Load()}, []byte("reloaded\n"), nil
+		}
+	})
+	waitFor(t, 10*time.Second, func() bool { return r.svc.Edge() != nil })
+	edgeAddr := r.svc.Edge().HTTPAddr().String()
+	o := newOrigin(t, "reload", nil)
+	startAgent(t, r, "reloader", host, o.srv.URL, nil)
+	hc := &http.Client{Timeout: 10 * time.Second}
+	if code, _, err := edgeGet(hc, edgeAddr, host, "/", nil); err != nil || code != http.StatusOK {
+		t.Fatalf("before the reload: %d %v", code, err)
+	}
+
+	next.Store(&EdgeReload{Policies: map[string]edge.Policy{host: {Deny: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}}})
+	if err := r.unix.Reload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	before := o.hits.Load()
+	if code, _, err := edgeGet(hc, edgeAddr, host, "/", nil); err != nil || code != http.StatusForbidden {
+		t.Fatalf("after a reload that denies loopback: %d %v; want 403", code, err)
+	}
+	if o.hits.Load() != before {
+		t.Fatal("the refused request reached the origin")
+	}
+
+	// A reload that does not validate changes nothing.
+	next.Store(&EdgeReload{Policies: map[string]edge.Policy{host: {BasicUsers: map[string]string{"u": "$2a$broken"}}}})
+	if err := r.unix.Reload(context.Background()); err == nil {
+		t.Fatal("a reload with a broken bcrypt hash was taken")
+	}
+	if code, _, err := edgeGet(hc, edgeAddr, host, "/", nil); err != nil || code != http.StatusForbidden {
+		t.Fatalf("after a rejected reload: %d %v; want the last good policy's 403", code, err)
+	}
+}
