@@ -293,7 +293,7 @@ func (e *Edge) validate(p *problems, tun bool) {
 		p.add("edge", "the edge serves services that WireGuard peers publish; TUN mode has no peers")
 	}
 	if e.HTTPS.Port != 0 && len(e.Certificates) == 0 {
-		p.add("edge.https", "needs edge.certificates")
+		p.add("edge.https", "needs edge.certificates (--edge-cert and --edge-key)")
 	}
 	for i, c := range e.Certificates {
 		f := fmt.Sprintf("edge.certificates[%d]", i)

@@ -66,7 +66,7 @@ func TestEdgeErrors(t *testing.T) {
 		`line 3: edge.tcp[2]: hostname "App.example.com": 'A' is not allowed (lower-case letters, digits, '-' and '.')`,
 		`line 3: edge.tcp[0]: :9000 is already edge.http`,
 		`line 3: edge.tcp[1]: :9000 is already edge.http`,
-		`line 2: edge.https: needs edge.certificates`,
+		`line 2: edge.https: needs edge.certificates (--edge-cert and --edge-key)`,
 	}
 	got := err.Error()
 	for _, w := range want {
