@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"go.uber.org/zap"
 	"golang.zx2c4.com/wireguard/tun"
@@ -396,7 +397,7 @@ func (c *Client) ListenTCP(addr netip.AddrPort, dualStack bool) (net.Listener, e
 		ep.Close()
 		return nil, os.NewSyscallError("listen", errnoOf(terr))
 	}
-	return &tcpListener{ln: gonet.NewTCPListener(c.stack, wq, ep), bound: addr.Addr().Unmap()}, nil
+	return &tcpListener{ep: ep, wq: wq, bound: addr.Addr().Unmap(), done: make(chan struct{})}, nil
 }
 
 // ListenUDP opens an unconnected UDP socket on addr; addr and dualStack
@@ -438,47 +439,74 @@ func (c *Client) bind(transport tcpip.TransportProtocolNumber, addr netip.AddrPo
 	return ep, wq, nil
 }
 
-// tcpListener is a gonet listener whose Accept reports net.ErrClosed
-// after Close, as a net.Listener's does, so that servers (net/http's)
-// stop cleanly; gonet's reports gVisor's text.
+// tcpListener accepts the connections of a listening endpoint. Accept
+// reports net.ErrClosed after Close, as a net.Listener's does, so that
+// servers (net/http's) stop cleanly. Each accepted connection probes an
+// idle peer with keepalives: a peer that vanished (a gateway that crashed,
+// a network that went away) sends no FIN, and what is served on the
+// connection would otherwise hold it for ever.
 type tcpListener struct {
-	ln     *gonet.TCPListener
-	bound  netip.Addr // as asked for, maybe unspecified
-	once   sync.Once
-	closed atomic.Bool
+	ep    tcpip.Endpoint
+	wq    *waiter.Queue
+	bound netip.Addr // as asked for, maybe unspecified
+	done  chan struct{}
+	once  sync.Once
 }
+
+// Keepalives of accepted connections: a dead peer is found within a
+// minute of silence, at the cost of a probe every half minute on a
+// connection that idles.
+const (
+	acceptKeepaliveIdle     = 30 * time.Second
+	acceptKeepaliveInterval = 10 * time.Second
+	acceptKeepaliveCount    = 3
+)
 
 // Accept implements net.Listener.
 func (l *tcpListener) Accept() (net.Conn, error) {
-	conn, err := l.ln.Accept()
-	if err != nil {
-		if l.closed.Load() {
+	entry, ready := waiter.NewChannelEntry(waiter.ReadableEvents)
+	l.wq.EventRegister(&entry)
+	defer l.wq.EventUnregister(&entry)
+	for {
+		select {
+		case <-l.done:
 			return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.Addr(), Err: net.ErrClosed}
+		default:
 		}
-		return nil, err
+		n, wq, terr := l.ep.Accept(nil)
+		switch terr.(type) {
+		case nil:
+			setKeepalive(n, acceptKeepaliveIdle, acceptKeepaliveInterval, acceptKeepaliveCount)
+			return gonet.NewTCPConn(wq, n), nil
+		case *tcpip.ErrWouldBlock:
+		default:
+			return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: l.Addr(), Err: errnoOf(terr)}
+		}
+		select {
+		case <-ready:
+		case <-l.done:
+		}
 	}
-	return conn, nil
 }
 
 // Close implements net.Listener.
 func (l *tcpListener) Close() error {
 	l.once.Do(func() {
-		l.closed.Store(true)
-		// Shutdown wakes an Accept that is waiting; Close frees the port.
-		l.ln.Shutdown()
-		l.ln.Close()
+		close(l.done) // wakes an Accept that waits
+		l.ep.Close()
 	})
 	return nil
 }
 
 // Addr implements net.Listener.
 func (l *tcpListener) Addr() net.Addr {
-	a, _ := l.ln.Addr().(*net.TCPAddr)
-	if a == nil {
+	fa, err := l.ep.GetLocalAddress()
+	if err != nil {
 		return &net.TCPAddr{IP: l.bound.AsSlice()}
 	}
-	if len(a.IP) == 0 {
-		return &net.TCPAddr{IP: l.bound.AsSlice(), Port: a.Port}
+	a := &net.TCPAddr{IP: l.bound.AsSlice(), Port: int(fa.Port)}
+	if fa.Addr.Len() > 0 {
+		a.IP = net.IP(fa.Addr.AsSlice())
 	}
 	return a
 }

@@ -47,12 +47,18 @@ const (
 
 // peerLiveness arms keepalives on ep.
 func peerLiveness(ep tcpip.Endpoint) {
+	setKeepalive(ep, peerKeepaliveIdle, peerKeepaliveInterval, peerKeepaliveCount)
+}
+
+// setKeepalive turns TCP keepalives on for ep: after idle without
+// traffic, a probe every interval, and the connection ends after count
+// unanswered ones.
+func setKeepalive(ep tcpip.Endpoint, idle, interval time.Duration, count int) {
 	ep.SocketOptions().SetKeepAlive(true)
-	idle := tcpip.KeepaliveIdleOption(peerKeepaliveIdle)
-	interval := tcpip.KeepaliveIntervalOption(peerKeepaliveInterval)
-	ep.SetSockOpt(&idle)
-	ep.SetSockOpt(&interval)
-	ep.SetSockOptInt(tcpip.KeepaliveCountOption, peerKeepaliveCount)
+	i, iv := tcpip.KeepaliveIdleOption(idle), tcpip.KeepaliveIntervalOption(interval)
+	ep.SetSockOpt(&i)
+	ep.SetSockOpt(&iv)
+	ep.SetSockOptInt(tcpip.KeepaliveCountOption, count)
 }
 
 // dialTCP connects an endpoint of st to dst, bound to from if it is not

@@ -107,6 +107,12 @@ func runExpose(cmd *cobra.Command, f exposeFlags) error {
 	if err != nil {
 		return err
 	}
+	if err := expose.CheckTo(f.to); err != nil {
+		return fmt.Errorf("--to %q: %v", f.to, err)
+	}
+	if f.maxConns < 1 {
+		return fmt.Errorf("--max-conns %d: want at least 1", f.maxConns)
+	}
 	if f.handshakeTimeout < 0 {
 		return fmt.Errorf("--handshake-timeout %s is negative", f.handshakeTimeout)
 	}

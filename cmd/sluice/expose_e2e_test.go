@@ -72,7 +72,10 @@ func TestExposeEndToEnd(t *testing.T) {
 
 	// The origin's firewall: WireGuard to and from the gateway, and
 	// loopback; nothing else in or out.
-	if _, err := exec.LookPath("iptables"); err == nil {
+	if _, err := exec.LookPath("iptables"); err != nil {
+		t.Skip("expose end-to-end: iptables is not installed (make deps installs it) for the origin's firewall; skipping")
+	}
+	{
 		for _, rule := range [][]string{
 			{"-A", "INPUT", "-i", "lo", "-j", "ACCEPT"},
 			{"-A", "INPUT", "-p", "udp", "-s", xeGatewayO, "--sport", strconv.Itoa(xeWGPort), "-j", "ACCEPT"},
@@ -85,11 +88,12 @@ func TestExposeEndToEnd(t *testing.T) {
 				t.Fatalf("iptables %s in the origin namespace: %v: %s", strings.Join(rule, " "), err, out)
 			}
 		}
-	} else {
-		t.Log("iptables is not installed: the origin namespace runs without its firewall (its service still listens on loopback only)")
 	}
 
-	originSrv := e2eStartHelper(t, o, "expose-origin", net.JoinHostPort("127.0.0.1", strconv.Itoa(xeOriginPort)))
+	// The service also listens on the origin's own address: only the
+	// firewall keeps the gateway's namespace from reaching it directly.
+	originSrv := e2eStartHelper(t, o, "expose-origin",
+		net.JoinHostPort("127.0.0.1", strconv.Itoa(xeOriginPort)), net.JoinHostPort(xeOrigin, strconv.Itoa(xeOriginPort)))
 	originSrv.waitReady(t, 10*time.Second)
 
 	gw := e2eStartSluice(t, g, bin, "serve",
@@ -172,19 +176,24 @@ func TestExposeEndToEnd(t *testing.T) {
 		}
 	})
 	t.Run("NoPortOnOrigin", func(t *testing.T) {
-		// Nothing in O listens on an interface but its service, on
-		// loopback: the agent's listener is inside the tunnel.
+		// Nothing in O listens but the service itself: the agent's
+		// listener is inside the tunnel.
 		out, _, _, err := e2eRunTool(ctx, o, 10*time.Second, "ss", "-Htln")
 		if err != nil {
 			t.Skipf("ss: %v", err)
 		}
+		service := map[string]bool{
+			fmt.Sprintf("127.0.0.1:%d", xeOriginPort):    true,
+			fmt.Sprintf("%s:%d", xeOrigin, xeOriginPort): true,
+		}
 		for _, line := range e2eNonEmptyLines(string(out)) {
 			f := strings.Fields(line)
-			if len(f) >= 4 && f[3] != fmt.Sprintf("127.0.0.1:%d", xeOriginPort) {
-				t.Errorf("something listens in the origin namespace: %s", line)
+			if len(f) >= 4 && !service[f[3]] {
+				t.Errorf("something besides the service listens in the origin namespace: %s", line)
 			}
 		}
-		// And the gateway cannot reach the service directly.
+		// And the gateway cannot reach the service directly, though it
+		// listens on the origin's address: the firewall lets nothing in.
 		if _, _, _, err := e2eRunTool(ctx, g, 10*time.Second, curl, "-sS", "--max-time", "2",
 			fmt.Sprintf("http://%s:%d/whoami", xeOrigin, xeOriginPort)); err == nil {
 			t.Error("the gateway namespace reached the origin's service directly")
@@ -281,11 +290,11 @@ func xeWriteCerts(t *testing.T, dir, host string) (certFile, keyFile, caFile str
 	return write("cert.pem", "CERTIFICATE", leafDER), write("key.pem", "PRIVATE KEY", keyDER), write("ca.pem", "CERTIFICATE", caDER)
 }
 
-// e2eHelperExposeOrigin serves, on the address in args, /whoami (what the
-// origin learns of the client from the edge's headers) and /blob.
+// e2eHelperExposeOrigin serves, on the addresses in args, /whoami (what
+// the origin learns of the client from the edge's headers) and /blob.
 func e2eHelperExposeOrigin(args []string) error {
-	if len(args) != 1 {
-		return fmt.Errorf("want ADDR:PORT, have %q", args)
+	if len(args) == 0 {
+		return fmt.Errorf("want ADDR:PORT..., have %q", args)
 	}
 	blob := e2eBlob()
 	mux := http.NewServeMux()
@@ -296,10 +305,14 @@ func e2eHelperExposeOrigin(args []string) error {
 		w.Header().Set("Content-Type", "application/octet-stream")
 		w.Write(blob)
 	})
-	ln, err := net.Listen("tcp", args[0])
-	if err != nil {
-		return err
+	errc := make(chan error, len(args))
+	for _, a := range args {
+		ln, err := net.Listen("tcp", a)
+		if err != nil {
+			return err
+		}
+		go func() { errc <- (&http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}).Serve(ln) }()
 	}
 	fmt.Println("ready")
-	return (&http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}).Serve(ln)
+	return <-errc
 }

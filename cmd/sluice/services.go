@@ -27,7 +27,8 @@ func newServicesCmd() *cobra.Command {
 		Long: `List the hostnames that peers publish (sluice expose) through the running
 gateway's edge: for each, the replicas that serve it, with their peer, tunnel
 address, labels, share of the traffic and health. A replica is unhealthy
-while its registration is late or after a failed connection attempt.`,
+for a few seconds after a failed connection attempt; one whose agent stops
+renewing its registration is dropped when the lease runs out.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := checkOutput(output); err != nil {

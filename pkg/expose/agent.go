@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -125,6 +126,7 @@ type Agent struct {
 	control *controlClient
 
 	started    atomic.Bool
+	attempted  atomic.Bool   // a registration has been sent
 	ready      chan struct{} // closed once listening, or once Run returns
 	readyOnce  sync.Once
 	registered chan struct{} // closed at the first registration
@@ -225,6 +227,16 @@ func New(opts Options) (*Agent, error) {
 }
 
 // parseOrigin parses Options.To.
+// CheckTo reports whether to is an origin New accepts: http://HOST:PORT,
+// https://HOST:PORT or tcp://HOST:PORT. The error does not name the
+// field, so that a command line can name its flag.
+func CheckTo(to string) error {
+	if _, err := parseOrigin(to, false, nil); err != nil {
+		return errors.New(strings.TrimPrefix(err.Error(), fmt.Sprintf("expose: Options.To %q: ", to)))
+	}
+	return nil
+}
+
 func parseOrigin(to string, insecure bool, roots *x509.CertPool) (origin, error) {
 	bad := func(why string) (origin, error) {
 		return origin{}, fmt.Errorf("expose: Options.To %q: %s", to, why)
@@ -333,9 +345,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.log.Debug("listening on the tunnel", zap.Stringer("addr", ln.Addr()), zap.String("to", a.opts.To))
 	runErr := a.keepRegistered(ctx, reg)
 
+	// Withdraw first, then stop listening: until the gateway has taken
+	// the replica out, the edge may still send it connections.
+	a.deregister(ctx, reg)
 	closing.Store(true)
 	ln.Close()
-	a.deregister(ctx, reg)
 	a.closeConns()
 	stopServing()
 	a.handlers.Wait()
@@ -345,10 +359,9 @@ func (a *Agent) Run(ctx context.Context) error {
 
 // deregister takes the registration back, if there was one.
 func (a *Agent) deregister(ctx context.Context, reg Registration) {
-	a.mu.Lock()
-	ever := !a.leaseAt.IsZero()
-	a.mu.Unlock()
-	if !ever {
+	// A registration sent but not answered (ctx ended meanwhile) may
+	// have been taken: withdraw it too.
+	if !a.attempted.Load() {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), deregisterTimeout)

@@ -47,6 +47,7 @@ func (a *Agent) keepRegistered(ctx context.Context, reg Registration) error {
 			return nil
 		case <-timer.C:
 		}
+		a.attempted.Store(true)
 		lease, err := a.control.register(ctx, reg)
 		if ctx.Err() != nil {
 			return nil
@@ -71,7 +72,12 @@ func (a *Agent) keepRegistered(ctx context.Context, reg Registration) error {
 		} else {
 			a.noteFailure(err)
 			var ce *ControlError
-			refusal := errors.As(err, &ce) && ce.Refusal()
+			if errors.As(err, &ce) && !ever {
+				// The gateway answered, and took nothing: there is
+				// nothing to withdraw yet.
+				a.attempted.Store(false)
+			}
+			refusal := ce != nil && ce.Refusal()
 			if refusal && !ever {
 				return fmt.Errorf("expose: register %s: %w", reg.Hostname, err)
 			}

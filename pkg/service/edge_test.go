@@ -265,22 +265,25 @@ func TestExposeWeightedSplitAndFailover(t *testing.T) {
 	}
 	time.Sleep(300 * time.Millisecond)
 	canaryAgent.kill()
-	killed := canary.hits.Load()
 	time.Sleep(5 * time.Second)
 	close(stop)
 	wg.Wait()
 	if failed.Load() != 0 {
 		t.Fatalf("%d of %d requests failed while a replica went away", failed.Load(), total.Load())
 	}
-	if after := canary.hits.Load() - killed; after != 0 {
-		t.Fatalf("the killed canary served %d requests", after)
-	}
-	t.Logf("%d requests while the canary died, none failed", total.Load())
-	// The registry has let it go.
+	t.Logf("%d requests while the canary died, none failed (%d answered by it before)", total.Load(), toCanary.Load())
+	// The registry has let it go, and every request goes to the stable
+	// replica.
 	waitFor(t, 10*time.Second, func() bool {
 		svcs, err := r.unix.Services(context.Background())
 		return err == nil && len(svcs) == 1 && len(svcs[0].Replicas) == 1 && svcs[0].Replicas[0].Peer == "stable"
 	})
+	for i := 0; i < 50; i++ {
+		code, body, err := edgeGet(hc, edgeAddr, host, "/", nil)
+		if err != nil || code != http.StatusOK || !strings.HasPrefix(body, "stable ") {
+			t.Fatalf("after the canary died: %d %q %v; want the stable replica's answer", code, body, err)
+		}
+	}
 
 	// It comes back, and is put back into rotation.
 	runAgent(t, canaryConf, host, canary.srv.URL, map[string]string{"release": "canary"})
@@ -576,7 +579,9 @@ func TestExposeAgentReturnsAfterGatewayRestart(t *testing.T) {
 	start := time.Now()
 	stop = run()
 	defer stop()
-	deadline := time.Now().Add(45 * time.Second)
+	// The agent's tunnel gives a silent gateway 3 s (StaleAfter), then
+	// handshakes afresh; WireGuard alone would take 15 s or more.
+	deadline := time.Now().Add(12 * time.Second)
 	for {
 		code, _, err := edgeGet(hc, opts.Edge.Edge.HTTPAddr, host, "/", nil)
 		if err == nil && code == http.StatusOK {
