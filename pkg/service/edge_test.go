@@ -148,6 +148,31 @@ func startEdgeService(t testing.TB, mod func(*EdgeOptions)) (*running, string) {
 	return r, r.svc.Edge().HTTPAddr().String()
 }
 
+// runService runs a service with opts until the test ends, or until the
+// stop it returns, which gives Run's error; it waits for the edge.
+func runService(t testing.TB, opts Options) (svc *Service, stop func() error) {
+	t.Helper()
+	svc, err := New(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- svc.Run(ctx) }()
+	var once sync.Once
+	var runErr error
+	stop = func() error {
+		once.Do(func() {
+			cancel()
+			runErr = <-done
+		})
+		return runErr
+	}
+	t.Cleanup(func() { stop() })
+	waitFor(t, 10*time.Second, func() bool { return svc.Edge() != nil })
+	return svc, stop
+}
+
 func waitFor(t testing.TB, d time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
@@ -547,23 +572,7 @@ func TestExposeAgentReturnsAfterGatewayRestart(t *testing.T) {
 		Registry: registry.Options{Lease: 2 * time.Second},
 		Edge:     edge.Options{HTTPAddr: freeTCPAddr(t), DialTimeout: time.Second},
 	}
-	run := func() (stop func()) {
-		svc, err := New(context.Background(), opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- svc.Run(ctx) }()
-		waitFor(t, 10*time.Second, func() bool { return svc.Edge() != nil })
-		return func() {
-			cancel()
-			if err := <-done; err != nil {
-				t.Error(err)
-			}
-		}
-	}
-	stop := run()
+	_, stop := runService(t, opts)
 	np, err := AddPeer(context.Background(), dir, PeerRequest{Name: "app"})
 	if err != nil {
 		t.Fatal(err)
@@ -575,10 +584,11 @@ func TestExposeAgentReturnsAfterGatewayRestart(t *testing.T) {
 		t.Fatalf("before the restart: %d %q %v", code, body, err)
 	}
 
-	stop()
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
 	start := time.Now()
-	stop = run()
-	defer stop()
+	runService(t, opts)
 	// The agent's tunnel gives a silent gateway 3 s (StaleAfter), then
 	// handshakes afresh; WireGuard alone would take 15 s or more.
 	deadline := time.Now().Add(12 * time.Second)
@@ -608,18 +618,7 @@ func TestExposeDrainsOnShutdown(t *testing.T) {
 		Registry: registry.Options{Lease: 2 * time.Second},
 		Edge:     edge.Options{HTTPAddr: "127.0.0.1:0", DialTimeout: time.Second},
 	}
-	svc, err := New(context.Background(), opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- svc.Run(ctx) }()
-	defer func() {
-		cancel()
-		<-done
-	}()
-	waitFor(t, 10*time.Second, func() bool { return svc.Edge() != nil })
+	svc, stop := runService(t, opts)
 	np, err := AddPeer(context.Background(), dir, PeerRequest{Name: "slow"})
 	if err != nil {
 		t.Fatal(err)
@@ -651,17 +650,18 @@ func TestExposeDrainsOnShutdown(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the request never reached the origin")
 	}
-	cancel() // stop the gateway while the request is at the origin
+	// Stop the gateway while the request is at the origin.
 	stopped := time.Now()
+	stopErr := make(chan error, 1)
+	go func() { stopErr <- stop() }()
 	a := <-got
 	if a.err != nil || a.code != http.StatusOK || a.body != "finished" {
 		t.Fatalf("the request in flight at shutdown: %d %q %v; want it to finish", a.code, a.body, a.err)
 	}
-	if err := <-done; err != nil {
+	if err := <-stopErr; err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("answered, and the gateway stopped, %v after the stop", time.Since(stopped).Round(10*time.Millisecond))
-	done <- nil
 }
 
 // A reload changes the edge's policies and the registry's hostnames at
