@@ -37,7 +37,6 @@ func (a *Agent) keepRegistered(ctx context.Context, reg Registration) error {
 		ever     bool   // registered at least once
 		failing  bool   // the last attempt failed
 		lastKind string // of the last failure logged
-		leaseID  string
 	)
 	timer := time.NewTimer(0)
 	defer timer.Stop()
@@ -62,12 +61,8 @@ func (a *Agent) keepRegistered(ctx context.Context, reg Registration) error {
 				a.log.Info("registered", fields...)
 			case failing:
 				a.log.Info("registered again", fields...)
-			case lease.ID != leaseID:
-				// The gateway forgot the replica between two
-				// refreshes (a restart) and took it back.
-				a.log.Info("registered under a new lease", fields...)
 			}
-			ever, failing, backoff, leaseID = true, false, 0, lease.ID
+			ever, failing, backoff = true, false, 0
 			wait = refreshInterval(lease)
 		} else {
 			a.noteFailure(err)
