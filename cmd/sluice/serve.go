@@ -248,14 +248,11 @@ func (f serveFlags) config(cmd *cobra.Command) (*config.Config, error) {
 // edge lays the --edge-* flags over c.Edge.
 func (f serveFlags) edge(c *config.Config, set func(string) bool) error {
 	listen := func(flag, s string) (config.ListenAddr, error) {
-		if s == "" {
-			return config.ListenAddr{}, nil
-		}
-		r, err := config.ParseTCPRoute(s + "=flag.invalid")
+		l, err := config.ParseListenOff(s)
 		if err != nil {
-			return config.ListenAddr{}, fmt.Errorf("--%s %q: want [ADDR]:PORT", flag, s)
+			return config.ListenAddr{}, fmt.Errorf("--%s: %v", flag, err)
 		}
-		return r.Listen, nil
+		return l, nil
 	}
 	var err error
 	if set("edge-http") {

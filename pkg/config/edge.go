@@ -137,8 +137,8 @@ const (
 
 func (d *decoder) edge(n *yaml.Node, path string, e *Edge) {
 	d.mapping(n, path, []field{
-		{"http", value(d, &e.HTTP, parseListenOff)},
-		{"https", value(d, &e.HTTPS, parseListenOff)},
+		{"http", value(d, &e.HTTP, ParseListenOff)},
+		{"https", value(d, &e.HTTPS, ParseListenOff)},
 		{"certificates", func(n *yaml.Node, path string) {
 			e.Certificates = nil
 			d.sequence(n, path, func(v *yaml.Node, path string) {
@@ -462,8 +462,9 @@ type fileEdgeAuth struct {
 	Basic  map[string]string `yaml:"basic,omitempty"`
 }
 
-// parseListenOff reads [ADDR]:PORT, or "" for no listener.
-func parseListenOff(s string) (ListenAddr, error) {
+// ParseListenOff reads [ADDR]:PORT (or a bare PORT), or "" for no
+// listener, as edge.http, edge.https and their flags take it.
+func ParseListenOff(s string) (ListenAddr, error) {
 	if s == "" {
 		return ListenAddr{}, nil
 	}
