@@ -11,9 +11,11 @@ var proxyV2Signature = [12]byte{0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 
 
 // PROXY v2 header fields that the edge sends.
 const (
-	proxyV2Proxy = 0x21 // version 2, command PROXY
-	proxyV2TCP4  = 0x11 // AF_INET, STREAM
-	proxyV2TCP6  = 0x21 // AF_INET6, STREAM
+	proxyV2Proxy  = 0x21 // version 2, command PROXY
+	proxyV2Local  = 0x20 // version 2, command LOCAL
+	proxyV2Unspec = 0x00 // AF_UNSPEC, UNSPEC
+	proxyV2TCP4   = 0x11 // AF_INET, STREAM
+	proxyV2TCP6   = 0x21 // AF_INET6, STREAM
 )
 
 // appendProxyV2 appends a PROXY protocol v2 header for a TCP connection
@@ -40,4 +42,25 @@ func appendProxyV2(b []byte, src, dst netip.AddrPort) []byte {
 	b = binary.BigEndian.AppendUint16(b, src.Port())
 	b = binary.BigEndian.AppendUint16(b, dst.Port())
 	return b
+}
+
+// appendProxyV2Local appends a PROXY protocol v2 LOCAL header, which
+// carries no addresses. The edge sends it when it cannot tell who the
+// client is: an origin set up for PROXY then reads the header it expects
+// and uses the connection's own addresses, instead of taking the
+// client's first bytes as a header (a client could forge one there).
+func appendProxyV2Local(b []byte) []byte {
+	b = append(b, proxyV2Signature[:]...)
+	return append(b, proxyV2Local, proxyV2Unspec, 0, 0)
+}
+
+// proxyHeader is the PROXY protocol v2 header for a connection from
+// client to local: a PROXY header when both addresses are known, else a
+// LOCAL one.
+func proxyHeader(client, local netip.AddrPort) []byte {
+	b := make([]byte, 0, 52)
+	if !client.IsValid() || !local.IsValid() {
+		return appendProxyV2Local(b)
+	}
+	return appendProxyV2(b, client, local)
 }

@@ -96,3 +96,25 @@ func TestProxyV2Golden(t *testing.T) {
 		}
 	}
 }
+
+func TestProxyV2LocalGolden(t *testing.T) {
+	const golden = "0d0a0d0a000d0a515549540a" + "20" + "00" + "0000"
+	if got := hex.EncodeToString(appendProxyV2Local(nil)); got != golden {
+		t.Errorf("LOCAL header:\n got %s\nwant %s", got, golden)
+	}
+	// Without both addresses an origin still gets a header, a LOCAL
+	// one, so nothing the client writes can pass for one.
+	valid := netip.MustParseAddrPort("192.0.2.10:51234")
+	for _, c := range []struct{ src, dst netip.AddrPort }{
+		{netip.AddrPort{}, valid},
+		{valid, netip.AddrPort{}},
+		{netip.AddrPort{}, netip.AddrPort{}},
+	} {
+		if got := hex.EncodeToString(proxyHeader(c.src, c.dst)); got != golden {
+			t.Errorf("proxyHeader(%s, %s) = %s, want the LOCAL header %s", c.src, c.dst, got, golden)
+		}
+	}
+	if got, want := proxyHeader(valid, valid), appendProxyV2(nil, valid, valid); !bytes.Equal(got, want) {
+		t.Errorf("proxyHeader with both addresses = %x, want the PROXY header %x", got, want)
+	}
+}

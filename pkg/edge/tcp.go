@@ -82,11 +82,9 @@ func (e *Edge) serveConn(l *listener, host string, c net.Conn) {
 	}()
 
 	if pol != nil && pol.src.ProxyProtocol {
-		if local := addrPortOf(c.LocalAddr()); client.IsValid() && local.IsValid() {
-			if _, err := up.Write(appendProxyV2(make([]byte, 0, 52), client, local)); err != nil {
-				e.log.Debug("writing the PROXY header failed", zap.String("hostname", host), zap.Error(err))
-				return
-			}
+		if _, err := up.Write(proxyHeader(client, addrPortOf(c.LocalAddr()))); err != nil {
+			e.log.Debug("writing the PROXY header failed", zap.String("hostname", host), zap.Error(err))
+			return
 		}
 	}
 	relay(c, up)
