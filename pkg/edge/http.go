@@ -169,13 +169,15 @@ func canonicalHost(h string) string {
 }
 
 // remoteIP is the address of a "host:port" remote address; the zero Addr
-// if it is not one.
+// if it is not one. The zone of a link-local client is dropped: it names
+// the edge's interface, matches no policy prefix, and is no business of
+// the origin's.
 func remoteIP(remote string) netip.Addr {
 	ap, err := netip.ParseAddrPort(remote)
 	if err != nil {
 		return netip.Addr{}
 	}
-	return ap.Addr().Unmap()
+	return ap.Addr().Unmap().WithZone("")
 }
 
 // newReverseProxy is the proxy every admitted request goes through.

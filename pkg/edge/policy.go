@@ -190,7 +190,10 @@ func (p *policy) admitAddr(ip netip.Addr) bool {
 	if p == nil {
 		return true
 	}
-	ip = ip.Unmap()
+	// A prefix never contains an address with a zone; the zone names
+	// the edge's interface, not the client, so it must not let a
+	// link-local client past Deny.
+	ip = ip.Unmap().WithZone("")
 	for _, pf := range p.deny {
 		if pf.Contains(ip) {
 			return false

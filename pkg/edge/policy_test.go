@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"net"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -306,5 +307,34 @@ func TestClientLimitersBounded(t *testing.T) {
 	}
 	if !v6.allow(netip.MustParseAddr("2001:db8:1:3::1")) {
 		t.Error("another /64 should have its own bucket")
+	}
+}
+
+func TestPolicyZonedAddress(t *testing.T) {
+	// A link-local client carries the zone of the edge's interface; no
+	// prefix contains a zoned address, so the zone must not decide.
+	deny := compile(t, Policy{Deny: []netip.Prefix{netip.MustParsePrefix("fe80::/10")}})
+	allow := compile(t, Policy{Allow: []netip.Prefix{netip.MustParsePrefix("fe80::/10")}})
+	zoned := netip.MustParseAddr("fe80::1%eth0")
+	if deny.admitAddr(zoned) {
+		t.Errorf("admitAddr(%s) passed a Deny of fe80::/10", zoned)
+	}
+	if !allow.admitAddr(zoned) {
+		t.Errorf("admitAddr(%s) refused by an Allow of fe80::/10", zoned)
+	}
+
+	if got, want := remoteIP("[fe80::1%eth0]:443"), netip.MustParseAddr("fe80::1"); got != want {
+		t.Errorf("remoteIP kept the zone: %s, want %s", got, want)
+	}
+	ta := &net.TCPAddr{IP: net.ParseIP("fe80::1"), Port: 443, Zone: "eth0"}
+	if got, want := addrPortOf(ta), netip.MustParseAddrPort("[fe80::1]:443"); got != want {
+		t.Errorf("addrPortOf(%s) = %s, want %s", ta, got, want)
+	}
+	if got := addrPortOf(nil); got.IsValid() {
+		t.Errorf("addrPortOf(nil) = %s, want the zero AddrPort", got)
+	}
+	v4 := &net.TCPAddr{IP: net.ParseIP("192.0.2.1"), Port: 80}
+	if got, want := addrPortOf(v4), netip.MustParseAddrPort("192.0.2.1:80"); got != want {
+		t.Errorf("addrPortOf(%s) = %s, want %s", v4, got, want)
 	}
 }

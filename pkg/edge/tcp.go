@@ -158,15 +158,17 @@ func pipe(dst, src net.Conn) {
 	src.Close()
 }
 
-// addrPortOf is the address of a TCP endpoint; zero if it is not one.
+// addrPortOf is the address of a TCP endpoint, without IPv6 zone (see
+// remoteIP); zero if it is not one.
 func addrPortOf(a net.Addr) netip.AddrPort {
+	var ap netip.AddrPort
 	if ta, ok := a.(*net.TCPAddr); ok {
-		ap := ta.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		ap = ta.AddrPort()
+	} else if a != nil {
+		ap, _ = netip.ParseAddrPort(a.String())
 	}
-	if a == nil {
+	if !ap.IsValid() {
 		return netip.AddrPort{}
 	}
-	ap, _ := netip.ParseAddrPort(a.String())
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	return netip.AddrPortFrom(ap.Addr().Unmap().WithZone(""), ap.Port())
 }
