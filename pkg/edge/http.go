@@ -200,6 +200,15 @@ func (e *Edge) newReverseProxy() *httputil.ReverseProxy {
 // and with forwarding headers that the edge sets itself. The edge is the
 // trust boundary, so whatever a client sent in X-Forwarded-*, Forwarded
 // or X-Real-IP is dropped rather than extended.
+//
+// Headers whose names hold an underscore are dropped too, all of them,
+// as nginx does by default: CGI, PHP, WSGI and Rack origins see headers
+// as HTTP_* variables with '-' turned into '_', so X_Forwarded_For would
+// reach them as the HTTP_X_FORWARDED_FOR the edge vouches for, or
+// overwrite it. Picking out only the names that collide with the edge's
+// own would miss those an origin's framework trusts (X_Real_IP,
+// X_Forwarded_Host, a proxy's auth header); no standard header has an
+// underscore, so dropping them all costs clients nothing legitimate.
 func (e *Edge) rewrite(pr *httputil.ProxyRequest) {
 	st := stateOf(pr.In.Context())
 	out := pr.Out
@@ -209,7 +218,7 @@ func (e *Edge) rewrite(pr *httputil.ProxyRequest) {
 	out.URL.RawQuery = pr.In.URL.RawQuery
 	out.Host = pr.In.Host
 	for k := range out.Header {
-		if strings.HasPrefix(k, "X-Forwarded-") {
+		if strings.HasPrefix(k, "X-Forwarded-") || strings.IndexByte(k, '_') >= 0 {
 			delete(out.Header, k)
 		}
 	}

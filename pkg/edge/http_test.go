@@ -876,3 +876,38 @@ func TestCloseEndsUpgradedConnections(t *testing.T) {
 		t.Errorf("the WebSocket after Close: %v, want it closed", err)
 	}
 }
+
+func TestUnderscoreHeadersDropped(t *testing.T) {
+	reg := newRegistry(t, nil)
+	seen := make(chan http.Header, 1)
+	_, p := origin(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		seen <- r.Header.Clone()
+	}))
+	register(t, reg, "app.example.com", p, expose.ProtocolHTTP, nil)
+	e := startEdge(t, Options{Registry: reg, HTTPAddr: "127.0.0.1:0"})
+
+	// A CGI-style origin would read each of these as an HTTP_* variable
+	// of the edge's own making.
+	req, _ := http.NewRequest("GET", "http://app.example.com/", nil)
+	req.Header["X_Forwarded_For"] = []string{"6.6.6.6"}
+	req.Header["x_real_ip"] = []string{"6.6.6.6"}
+	req.Header["X-Forwarded_Proto"] = []string{"https"}
+	req.Header["Remote_User"] = []string{"admin"}
+	req.Header.Set("X-Custom", "kept")
+	resp, body := fetch(t, testClient(e.HTTPAddr()), req)
+	if resp.StatusCode != 200 {
+		t.Fatalf("%d %s", resp.StatusCode, body)
+	}
+	got := <-seen
+	for k, v := range got {
+		if strings.Contains(k, "_") {
+			t.Errorf("origin saw %s: %q", k, v)
+		}
+	}
+	if v := got.Values("X-Forwarded-For"); len(v) != 1 || v[0] != "127.0.0.1" {
+		t.Errorf("origin saw X-Forwarded-For %q, want the edge's alone", v)
+	}
+	if v := got.Get("X-Custom"); v != "kept" {
+		t.Errorf("origin saw X-Custom %q, want it passed through", v)
+	}
+}
