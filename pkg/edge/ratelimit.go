@@ -63,10 +63,16 @@ func clientKey(ip netip.Addr) netip.Addr {
 }
 
 // allow takes a token from ip's bucket, reporting whether there was one.
+//
+// The token is taken under c.mu: once c.mu is let go, a sweep may find
+// the bucket full and forget it, and the client's next request would
+// start a fresh one while this one still spends from the old, a token
+// more than the burst.
 func (c *clientLimiters) allow(ip netip.Addr) bool {
 	now := time.Now()
 	key := clientKey(ip)
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	l, ok := c.m[key]
 	if !ok {
 		since := now.Sub(c.lastSweep)
@@ -80,7 +86,6 @@ func (c *clientLimiters) allow(ip netip.Addr) bool {
 			c.m[key] = l
 		}
 	}
-	c.mu.Unlock()
 	return l.AllowN(now, 1)
 }
 
