@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"path"
 	"strings"
+	"time"
 
 	"golang.org/x/time/rate"
 
@@ -35,7 +36,8 @@ type Policy struct {
 	RatePerClient  float64
 	BurstPerClient int
 	// RateTotal and BurstTotal are the same over all clients of the
-	// hostname together.
+	// hostname together. A request that the total refuses does not count
+	// against its client's own rate.
 	RateTotal  float64
 	BurstTotal int
 	// Allow, when not empty, admits only clients inside one of its
@@ -219,15 +221,24 @@ const (
 
 // admitRate takes a token for one new request or connection from ip: the
 // client's first, then the hostname's. It returns which limit refused,
-// or limitNone.
+// or limitNone. A request that the total limit refuses gives the client's
+// token back: it reached nothing, and a client must not run out of
+// requests because others used up the hostname's.
 func (p *policy) admitRate(ip netip.Addr) int {
 	if p == nil {
 		return limitNone
 	}
-	if p.perClient != nil && !p.perClient.allow(ip) {
-		return limitClient
+	now := time.Now()
+	var r *rate.Reservation
+	if p.perClient != nil {
+		if r = p.perClient.reserve(ip, now); r == nil {
+			return limitClient
+		}
 	}
-	if p.total != nil && !p.total.Allow() {
+	if p.total != nil && !p.total.AllowN(now, 1) {
+		if r != nil {
+			p.perClient.cancel(r, now)
+		}
 		return limitTotal
 	}
 	return limitNone

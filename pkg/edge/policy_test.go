@@ -338,3 +338,25 @@ func TestPolicyZonedAddress(t *testing.T) {
 		t.Errorf("addrPortOf(%s) = %s, want %s", v4, got, want)
 	}
 }
+
+func TestPolicyRateTotalRefusalKeepsClientToken(t *testing.T) {
+	// Slow enough that no bucket refills during the test.
+	p := compile(t, Policy{RatePerClient: 0.001, BurstPerClient: 2, RateTotal: 0.001, BurstTotal: 1})
+	a, b := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.2")
+	if got := p.admitRate(a); got != limitNone {
+		t.Fatalf("a's first request: refused by %d", got)
+	}
+	// The hostname's only token is gone. b's requests are refused by the
+	// total, however many it sends, and cost b nothing.
+	for i := 0; i < 5; i++ {
+		if got := p.admitRate(b); got != limitTotal {
+			t.Fatalf("b's request %d: %d, want the total limit (b's own bucket is untouched)", i+1, got)
+		}
+	}
+	p.perClient.mu.Lock()
+	tokens := p.perClient.m[clientKey(b)].TokensAt(time.Now())
+	p.perClient.mu.Unlock()
+	if tokens < 1.99 {
+		t.Errorf("b's bucket holds %.3f tokens after refusals by the total, want its burst of 2", tokens)
+	}
+}

@@ -63,13 +63,18 @@ func clientKey(ip netip.Addr) netip.Addr {
 }
 
 // allow takes a token from ip's bucket, reporting whether there was one.
+func (c *clientLimiters) allow(ip netip.Addr) bool {
+	return c.reserve(ip, time.Now()) != nil
+}
+
+// reserve takes a token from ip's bucket at now; nil if there was none.
+// cancel gives it back, for a request that another limit refused.
 //
 // The token is taken under c.mu: once c.mu is let go, a sweep may find
 // the bucket full and forget it, and the client's next request would
 // start a fresh one while this one still spends from the old, a token
 // more than the burst.
-func (c *clientLimiters) allow(ip netip.Addr) bool {
-	now := time.Now()
+func (c *clientLimiters) reserve(ip netip.Addr, now time.Time) *rate.Reservation {
 	key := clientKey(ip)
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -86,7 +91,22 @@ func (c *clientLimiters) allow(ip netip.Addr) bool {
 			c.m[key] = l
 		}
 	}
-	return l.AllowN(now, 1)
+	r := l.ReserveN(now, 1)
+	if r.DelayFrom(now) > 0 {
+		r.CancelAt(now)
+		return nil
+	}
+	return r
+}
+
+// cancel returns the token of r, reserved at now. It must be the same
+// now: a Reservation gives nothing back once its time has passed.
+// c.mu serialises it with reserve, so no reservation of the same bucket
+// comes between that the library would have to account for.
+func (c *clientLimiters) cancel(r *rate.Reservation, now time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	r.CancelAt(now)
 }
 
 // sweep forgets the clients whose buckets are full. c.mu is held.
