@@ -35,8 +35,7 @@ type authenticator struct {
 	mu    sync.Mutex
 	cache map[cacheKey]time.Time // successful bcrypt checks -> expiry
 
-	// decoy is one of the bcrypt hashes, which a check for an unknown
-	// user runs against so that it costs what a known user's does; nil
+	// decoy is the costliest of the bcrypt hashes (see pickDecoy); nil
 	// when no user's hash is bcrypt.
 	decoy []byte
 }
@@ -80,14 +79,42 @@ func newAuthenticator(field string, tokens []string, users map[string]string, sl
 				return nil, fmt.Errorf("edge: %s.BasicUsers[%q]: bad bcrypt hash: %w", field, u, err)
 			}
 			a.basic[u] = basicUser{bcrypt: []byte(h)}
-			if a.decoy == nil {
-				a.decoy = []byte(h)
-			}
 		default:
 			return nil, fmt.Errorf("edge: %s.BasicUsers[%q]: want \"sha256:<hex>\" (see HashSecret) or a bcrypt hash, never a plain password", field, u)
 		}
 	}
+	a.decoy = pickDecoy(a.basic)
 	return a, nil
+}
+
+// pickDecoy chooses the bcrypt hash that a failed check runs against
+// when the user is unknown, or its password is stored as SHA-256, so
+// that every failure costs what a known bcrypt user's does and timing
+// does not tell which user names exist. It is the hash of the highest
+// cost: a cheaper one would let an unknown user answer faster than the
+// costliest known one. Ties go to the least user name, so that the choice
+// does not follow map order and change from one load of a policy to the
+// next. nil if no hash is bcrypt.
+//
+// Users whose hashes are cheaper than the decoy still fail faster than
+// an unknown user; the cost of every hash should be the same.
+func pickDecoy(users map[string]basicUser) []byte {
+	var decoy []byte
+	var decoyUser string
+	decoyCost := -1
+	for u, bu := range users {
+		if bu.bcrypt == nil {
+			continue
+		}
+		cost, err := bcrypt.Cost(bu.bcrypt)
+		if err != nil {
+			continue // newAuthenticator has checked every hash
+		}
+		if cost > decoyCost || cost == decoyCost && u < decoyUser {
+			decoy, decoyUser, decoyCost = bu.bcrypt, u, cost
+		}
+	}
+	return decoy
 }
 
 func parseSHA256(s string) ([]byte, error) {
@@ -149,18 +176,17 @@ func (a *authenticator) checkBasic(ctx context.Context, user, pass string) bool 
 		// Do the work a known user costs, so that timing does not
 		// tell which user names exist.
 		subtle.ConstantTimeCompare(d[:], unknownUser[:])
-		if a.decoy != nil {
-			select {
-			case a.slots <- struct{}{}:
-				bcrypt.CompareHashAndPassword(a.decoy, []byte(pass))
-				<-a.slots
-			case <-ctx.Done():
-			}
-		}
+		a.runDecoy(ctx, pass)
 		return false
 	}
 	if u.sha != nil {
-		return subtle.ConstantTimeCompare(d[:], u.sha) == 1
+		if subtle.ConstantTimeCompare(d[:], u.sha) == 1 {
+			return true
+		}
+		// Microseconds against an unknown user's bcrypt would tell
+		// that this user exists.
+		a.runDecoy(ctx, pass)
+		return false
 	}
 	key := cacheKey{user: user, pass: d}
 	now := time.Now()
@@ -182,6 +208,21 @@ func (a *authenticator) checkBasic(ctx context.Context, user, pass string) bool 
 	}
 	a.remember(key, now)
 	return true
+}
+
+// runDecoy spends on a failed check what a bcrypt user's costs, if any
+// user's hash is bcrypt. Like a real check it waits for a slot, or for
+// ctx to end.
+func (a *authenticator) runDecoy(ctx context.Context, pass string) {
+	if a.decoy == nil {
+		return
+	}
+	select {
+	case a.slots <- struct{}{}:
+		bcrypt.CompareHashAndPassword(a.decoy, []byte(pass))
+		<-a.slots
+	case <-ctx.Done():
+	}
 }
 
 // remember caches a successful check. The cache is bounded: when full, the

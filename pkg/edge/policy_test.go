@@ -360,3 +360,67 @@ func TestPolicyRateTotalRefusalKeepsClientToken(t *testing.T) {
 		t.Errorf("b's bucket holds %.3f tokens after refusals by the total, want its burst of 2", tokens)
 	}
 }
+
+func TestPolicyBasicDecoy(t *testing.T) {
+	hash := func(cost int) string {
+		h, err := bcrypt.GenerateFromPassword([]byte("pw"), cost)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(h)
+	}
+	cheap, dear, dear2 := hash(bcrypt.MinCost), hash(bcrypt.MinCost+2), hash(bcrypt.MinCost+2)
+	users := map[string]string{
+		"a-cheap": cheap, "b-cheap": hash(bcrypt.MinCost), "c-cheap": hash(bcrypt.MinCost),
+		"dave": dear2, "carol": dear, // tie on cost: the least name
+		"erin": HashSecret("x"), "frank": HashSecret("y"),
+	}
+	// Map order varies from run to run; the choice must not.
+	for i := 0; i < 20; i++ {
+		a, err := newAuthenticator("H", nil, users, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(a.decoy) != dear {
+			t.Fatalf("load %d: decoy %q, want carol's, of the highest cost", i, a.decoy)
+		}
+	}
+	a, err := newAuthenticator("H", nil, map[string]string{"erin": HashSecret("x")}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.decoy != nil {
+		t.Errorf("decoy %q without any bcrypt user", a.decoy)
+	}
+
+	// A SHA-256 user's wrong password pays the decoy too: with every
+	// bcrypt slot taken, its check waits as a bcrypt user's would.
+	slots := make(chan struct{}, 1)
+	p, err := compilePolicy("H", Policy{BasicUsers: map[string]string{"erin": HashSecret("x"), "carol": dear}}, nil, slots)
+	if err != nil {
+		t.Fatal(err)
+	}
+	slots <- struct{}{}
+	const wait = 50 * time.Millisecond
+	for _, c := range []struct {
+		user, pass string
+		want       bool
+		slow       bool
+	}{
+		{"erin", "x", true, false},
+		{"erin", "wrong", false, true},
+		{"nobody", "x", false, true},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		start := time.Now()
+		got := p.auth.check(ctx, basicReq(c.user, c.pass))
+		took := time.Since(start)
+		cancel()
+		if got != c.want {
+			t.Errorf("%s:%s: %v, want %v", c.user, c.pass, got, c.want)
+		}
+		if slow := took >= wait; slow != c.slow {
+			t.Errorf("%s:%s took %v; want it to wait for a bcrypt slot: %v", c.user, c.pass, took, c.slow)
+		}
+	}
+}
