@@ -300,6 +300,10 @@ func (e *Edge) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		// this answer. 499, after nginx, keeps it out of the 5xx that
 		// count against origins.
 		w.WriteHeader(499)
+	case errors.As(err, new(*clientBodyError)):
+		// The client's own fault; a 5xx would count against an origin
+		// that did nothing wrong.
+		http.Error(w, "sluice: the request body could not be read\n", http.StatusBadRequest)
 	default:
 		e.log.Debug("proxying failed", zap.String("hostname", st.host), zap.Stringer("client", st.client), zap.Error(err))
 		http.Error(w, "sluice: no replica of "+st.host+" answered\n", http.StatusBadGateway)

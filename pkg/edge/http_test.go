@@ -911,3 +911,43 @@ func TestUnderscoreHeadersDropped(t *testing.T) {
 		t.Errorf("origin saw X-Custom %q, want it passed through", v)
 	}
 }
+
+func TestMalformedRequestBodyIsTheClients(t *testing.T) {
+	reg := newRegistry(t, nil)
+	_, p := origin(t, named("origin"))
+	register(t, reg, "app.example.com", p, expose.ProtocolHTTP, nil)
+	e := startEdge(t, Options{Registry: reg, HTTPAddr: "127.0.0.1:0"})
+
+	c, err := net.Dial("tcp", e.HTTPAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	// A good first chunk, then a chunk size that is not hex.
+	io.WriteString(c, "POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("malformed chunked body: %d %q, want 400", resp.StatusCode, b)
+	}
+	for _, s := range reg.Services() {
+		for _, r := range s.Replicas {
+			if r.Failures != 0 || !r.Healthy {
+				t.Errorf("replica %s: %d failures, healthy %v; the client's body is no fault of its", r.ID, r.Failures, r.Healthy)
+			}
+		}
+	}
+	mustMetric(t, e, "sluice_edge_attempts_failed_total", map[string]string{"hostname": "app.example.com"}, 0)
+	mustMetric(t, e, "sluice_edge_requests_total", map[string]string{"hostname": "app.example.com", "code": "4xx"}, 1)
+
+	// The replica still serves.
+	resp, body := get(t, testClient(e.HTTPAddr()), "http://app.example.com/")
+	if resp.StatusCode != 200 || body != "origin" {
+		t.Errorf("after the bad request: %d %q", resp.StatusCode, body)
+	}
+}

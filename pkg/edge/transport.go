@@ -62,6 +62,14 @@ func (e *Edge) dialReplica(ctx context.Context, _, addr string) (net.Conn, error
 	return c, nil
 }
 
+// clientBodyError is a failure to read the client's request body
+// (malformed chunking, a body cut short): the client's fault, which says
+// nothing about the replica and is not worth another attempt.
+type clientBodyError struct{ err error }
+
+func (c *clientBodyError) Error() string { return "edge: reading the request body: " + c.err.Error() }
+func (c *clientBodyError) Unwrap() error { return c.err }
+
 // retrier sends a request to the hostname's replicas, one after another,
 // until one answers, Options.Attempts are used up, or a failure leaves
 // the request unsafe to repeat. It tells the registry how each attempt
@@ -130,6 +138,15 @@ func (t *retrier) RoundTrip(req *http.Request) (*http.Response, error) {
 			// The client is gone; the replica did nothing wrong.
 			return nil, err
 		}
+		if body != nil {
+			// The transport hands on the body's read error as its
+			// own, which would cost the replica its health.
+			if berr := body.readErr(); berr != nil {
+				e.log.Debug("reading the request body failed", zap.String("hostname", st.host),
+					zap.Stringer("client", st.client), zap.Error(berr))
+				return nil, &clientBodyError{berr}
+			}
+		}
 		e.reg.Report(rep.ID, err)
 		st.stats.attemptsFailed.Add(1)
 		lastErr = fmt.Errorf("edge: %s: replica %s (%s): %w", st.host, rep.ID, rep.Addr, err)
@@ -177,6 +194,7 @@ type replayBody struct {
 	mu     sync.Mutex
 	r      io.ReadCloser
 	n      int64
+	err    error // the first read error other than io.EOF
 	hold   bool
 	closeQ bool // Close was called during the hold
 	closed bool
@@ -189,8 +207,19 @@ func (b *replayBody) Read(p []byte) (int, error) {
 	if n == 0 && err == io.EOF {
 		b.n++ // an empty body read to its end is spent too
 	}
+	if err != nil && err != io.EOF && b.err == nil {
+		b.err = err
+	}
 	b.mu.Unlock()
 	return n, err
+}
+
+// readErr is the error that reading the body underneath failed with, if
+// it did.
+func (b *replayBody) readErr() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.err
 }
 
 func (b *replayBody) Close() error {
