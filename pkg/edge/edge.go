@@ -7,7 +7,9 @@
 // the hostname's Policy (address lists, rates, paths, authentication), and
 // only then asks the registry for a replica and dials it with
 // Options.Dial. A dial that fails, and an idempotent request whose
-// connection broke before an answer, are tried again on another replica.
+// connection broke before an answer, are tried again on another replica;
+// a request that found its kept-alive connection closed before any of it
+// was sent is sent again, and counts against no replica.
 // HTTP is reverse-proxied without buffering bodies, so WebSocket
 // upgrades, server-sent events and large uploads flow through; the origin
 // learns the client's address from X-Forwarded-For and Forwarded, which

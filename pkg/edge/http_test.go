@@ -951,3 +951,139 @@ func TestMalformedRequestBodyIsTheClients(t *testing.T) {
 		t.Errorf("after the bad request: %d %q", resp.StatusCode, body)
 	}
 }
+
+// lateResetConn is a connection to an origin through a tunnel that is
+// slow to pass on the origin's reset: a failed read is held back until
+// the edge has written again, as when the reset crosses the next
+// request on its way. It reports on seen when a read failed.
+type lateResetConn struct {
+	net.Conn
+	seen, poked, closed           chan struct{}
+	seenOnce, pokeOnce, closeOnce sync.Once
+}
+
+func (c *lateResetConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil {
+		c.seenOnce.Do(func() { close(c.seen) })
+		select {
+		case <-c.poked:
+		case <-c.closed:
+		}
+	}
+	return n, err
+}
+
+func (c *lateResetConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	select {
+	case <-c.seen:
+		c.pokeOnce.Do(func() { close(c.poked) })
+	default:
+	}
+	return n, err
+}
+
+func (c *lateResetConn) Close() error {
+	c.closeOnce.Do(func() { close(c.closed) })
+	return c.Conn.Close()
+}
+
+func TestStaleKeepAliveRetried(t *testing.T) {
+	// The origin answers one request per connection, keeping it alive,
+	// and the test resets the connection once the answer is through.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan net.Conn, 8)
+	var bodies sync.Map
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+		close(served)
+		for c := range served {
+			c.Close()
+		}
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			req, err := http.ReadRequest(bufio.NewReader(c))
+			if err != nil {
+				c.Close()
+				continue
+			}
+			b, _ := io.ReadAll(req.Body)
+			bodies.Store(string(b), true)
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			served <- c
+		}
+	}()
+
+	reg := newRegistry(t, nil)
+	register(t, reg, "app.example.com", portOf(t, ln.Addr()), expose.ProtocolHTTP, nil)
+	conns := make(chan *lateResetConn, 8)
+	dial := func(ctx context.Context, dst netip.AddrPort) (net.Conn, error) {
+		c, err := newFakeTunnel().Dial(ctx, dst)
+		if err != nil {
+			return nil, err
+		}
+		lc := &lateResetConn{Conn: c, seen: make(chan struct{}), poked: make(chan struct{}), closed: make(chan struct{})}
+		conns <- lc
+		return lc, nil
+	}
+	e := startEdge(t, Options{Registry: reg, Dial: dial, HTTPAddr: "127.0.0.1:0"})
+	if e.transport.IdleConnTimeout >= 5*time.Second {
+		t.Errorf("IdleConnTimeout %v: origins commonly drop idle connections after 5 s; the edge must let go first", e.transport.IdleConnTimeout)
+	}
+	c := testClient(e.HTTPAddr())
+
+	post := func(body string) *http.Response {
+		req, _ := http.NewRequest("POST", "http://app.example.com/", strings.NewReader(body))
+		resp, got := fetch(t, c, req)
+		if resp.StatusCode == 200 && got != "ok" {
+			t.Fatalf("POST %s: %q", body, got)
+		}
+		return resp
+	}
+	if resp := post("first"); resp.StatusCode != 200 {
+		t.Fatalf("first POST: %d", resp.StatusCode)
+	}
+	first := <-served
+	first.(*net.TCPConn).SetLinger(0)
+	first.Close()
+	// Wait until the edge's side of the connection has the reset, idle
+	// in the pool: the next request goes out on it.
+	lc := <-conns
+	select {
+	case <-lc.seen:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the edge's connection never saw the reset")
+	}
+
+	if resp := post("second"); resp.StatusCode != 200 {
+		t.Fatalf("POST on a connection the origin had reset: %d, want it sent again on a fresh one", resp.StatusCode)
+	}
+	if _, ok := bodies.Load("second"); !ok {
+		t.Error("the origin never got the second POST")
+	}
+	if n := len(conns); n != 1 {
+		t.Errorf("the edge opened %d more connections, want 1 after the dead one", n)
+	}
+	for _, s := range reg.Services() {
+		for _, r := range s.Replicas {
+			if r.Failures != 0 {
+				t.Errorf("replica %s: %d failures; a connection its origin closed while idle is no failure of its", r.ID, r.Failures)
+			}
+		}
+	}
+	mustMetric(t, e, "sluice_edge_attempts_failed_total", map[string]string{"hostname": "app.example.com"}, 0)
+}

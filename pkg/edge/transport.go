@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/netip"
 	"sync"
 	"time"
@@ -15,6 +16,16 @@ import (
 
 	"github.com/sluice-vpn/sluice/pkg/expose"
 )
+
+// idleConnTimeout is how long a connection to a replica may wait in the
+// pool for its next request. Origins close idle keep-alive connections
+// themselves, commonly after 5 s (Node's default; others allow 5 to 75
+// s), and a request sent as that close is on its way through the tunnel
+// fails: a POST cannot be sent again once it may have been read. Letting
+// go first, below the shortest common origin timeout, keeps the edge out
+// of that race; a new connection costs a dial through the tunnel, which a
+// client busier than one request every few seconds never pays.
+const idleConnTimeout = 4 * time.Second
 
 // newTransport is the HTTP/1.1 client toward the replicas: one pool of
 // connections per replica address, each connection opened with
@@ -25,7 +36,7 @@ func (e *Edge) newTransport() *http.Transport {
 		DialContext:           e.dialReplica,
 		MaxIdleConns:          1024,
 		MaxIdleConnsPerHost:   32,
-		IdleConnTimeout:       90 * time.Second,
+		IdleConnTimeout:       idleConnTimeout,
 		ExpectContinueTimeout: time.Second,
 		// Pass the client's Accept-Encoding and the origin's encoding
 		// through untouched.
@@ -60,6 +71,50 @@ func (e *Edge) dialReplica(ctx context.Context, _, addr string) (net.Conn, error
 		return nil, &dialError{fmt.Errorf("edge: dial replica %s: %w", ap, err)}
 	}
 	return c, nil
+}
+
+// maxStaleConns bounds the kept-alive connections that one request may
+// find dead (see connTrace) before it gives up. Each is closed once found
+// dead and a fresh connection is never stale, so the pool bounds them
+// too; this bound holds whatever other requests put back meanwhile.
+const maxStaleConns = 8
+
+// connTrace follows one attempt's connection, to tell a kept-alive
+// connection that the origin had already closed (it failed before a byte
+// of the request went out) from a replica that failed the request.
+//
+// It counts the bytes written to the connection rather than trusting
+// httptrace's WroteHeaders, which fires once the header is in the
+// transport's buffer, before anything is sent; so the same test holds for
+// a write that fails when the buffer is flushed.
+type connTrace struct {
+	mu      sync.Mutex
+	reused  bool
+	conn    *upstreamConn // nil if the transport's connection is not one
+	written int64         // conn's bytes written when the attempt got it
+}
+
+// gotConn is the attempt's httptrace.ClientTrace.GotConn. The transport
+// may call it more than once, retrying on its own; the last one counts.
+func (ct *connTrace) gotConn(info httptrace.GotConnInfo) {
+	uc, _ := info.Conn.(*upstreamConn)
+	ct.mu.Lock()
+	defer ct.mu.Unlock()
+	ct.reused, ct.conn = info.Reused, uc
+	if uc != nil {
+		ct.written = uc.written.Load()
+	}
+}
+
+// stale reports whether the attempt failed on a kept-alive connection
+// before writing anything to it: the origin had closed it (or the tunnel
+// lost it) while it sat in the pool. Nothing reached the replica, which
+// did nothing wrong, so any request may be tried again, as after a failed
+// dial. A fresh connection is never stale: its failure is the replica's.
+func (ct *connTrace) stale() bool {
+	ct.mu.Lock()
+	defer ct.mu.Unlock()
+	return ct.reused && ct.conn != nil && ct.conn.written.Load() == ct.written
 }
 
 // clientBodyError is a failure to read the client's request body
@@ -98,7 +153,8 @@ func (t *retrier) RoundTrip(req *http.Request) (*http.Response, error) {
 
 	var tried []string
 	var lastErr error
-	for attempt := 0; attempt < e.opts.Attempts; attempt++ {
+	stale := 0
+	for attempt := 0; attempt < e.opts.Attempts; {
 		rep, err := e.reg.Pick(st.host, expose.ProtocolHTTP, tried)
 		if err != nil {
 			if lastErr != nil {
@@ -106,13 +162,13 @@ func (t *retrier) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 			return nil, err
 		}
-		tried = append(tried, rep.ID)
 
-		out := req.WithContext(req.Context())
+		ct := &connTrace{}
+		out := req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{GotConn: ct.gotConn}))
 		u := *req.URL
 		u.Host = rep.Addr.String()
 		out.URL = &u
-		if attempt > 0 && body != nil {
+		if lastErr != nil && body != nil {
 			if body.consumed() {
 				// Only reached with GetBody: retryable said so.
 				b, err := req.GetBody()
@@ -147,11 +203,21 @@ func (t *retrier) RoundTrip(req *http.Request) (*http.Response, error) {
 				return nil, &clientBodyError{berr}
 			}
 		}
+		lastErr = fmt.Errorf("edge: %s: replica %s (%s): %w", st.host, rep.ID, rep.Addr, err)
+		if ct.stale() && (body == nil || !body.consumed()) && stale < maxStaleConns {
+			// Neither the replica's failure nor an attempt: the same
+			// replica may be picked again, on a fresh connection.
+			stale++
+			e.log.Debug("kept-alive connection found closed; sending again", zap.String("hostname", st.host),
+				zap.String("replica", rep.ID), zap.Stringer("addr", rep.Addr), zap.Error(err))
+			continue
+		}
+		tried = append(tried, rep.ID)
+		attempt++
 		e.reg.Report(rep.ID, err)
 		st.stats.attemptsFailed.Add(1)
-		lastErr = fmt.Errorf("edge: %s: replica %s (%s): %w", st.host, rep.ID, rep.Addr, err)
 		e.log.Debug("attempt failed", zap.String("hostname", st.host), zap.String("replica", rep.ID),
-			zap.Stringer("addr", rep.Addr), zap.Int("attempt", attempt+1), zap.Error(err))
+			zap.Stringer("addr", rep.Addr), zap.Int("attempt", attempt), zap.Error(err))
 		if !retryable(req, err, body) {
 			return nil, lastErr
 		}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -118,6 +119,15 @@ type upstreamConn struct {
 	set  *upstreams
 	addr netip.AddrPort
 	once sync.Once
+	// written counts the bytes written, so that a request that failed on
+	// a kept-alive connection can tell whether any of it went out.
+	written atomic.Int64
+}
+
+func (c *upstreamConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.written.Add(int64(n))
+	return n, err
 }
 
 func (c *upstreamConn) Close() error {
