@@ -68,7 +68,12 @@ func printServices(w io.Writer, svcs []admin.ServiceInfo, now time.Time) {
 		}
 		for _, r := range s.Replicas {
 			health := "healthy"
-			if !r.Healthy {
+			switch {
+			case r.OriginDown:
+				// The agent's own word, fresher than the edge's
+				// last failed attempt.
+				health = "unhealthy: the agent cannot reach its origin"
+			case !r.Healthy:
 				health = "unhealthy"
 				if r.LastError != "" {
 					health += ": " + r.LastError

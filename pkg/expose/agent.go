@@ -115,6 +115,9 @@ type Stats struct {
 	LastRegistered time.Time
 	// LastError is the last registration failure; empty if none yet.
 	LastError string
+	// OriginDown reports that the last connection to the origin (or
+	// probe of it) failed; the registration says so to the gateway.
+	OriginDown bool
 }
 
 // Agent publishes one hostname. Run does the work; the other methods are
@@ -154,9 +157,15 @@ type Agent struct {
 	registrations, registrationErrors        atomic.Uint64
 	active                                   atomic.Int64
 
-	// Rate-limited logging of refusals, and the origin's state.
+	// Rate-limited logging of refusals.
 	refusedLogged, foreignLogged atomic.Int64 // unix nanoseconds of the last Warn
-	originDown                   atomic.Bool
+
+	// originDown is what the agent last learned of its origin, from a
+	// connection it relayed or a probe; originChanged wakes the lease
+	// loop to tell the gateway at once.
+	originDown    atomic.Bool
+	originChanged chan struct{}
+	probeEvery    time.Duration
 }
 
 // origin is Options.To, parsed.
@@ -218,6 +227,9 @@ func New(opts Options) (*Agent, error) {
 		backoffMax: maxBackoff,
 		slots:      make(chan struct{}, opts.MaxConns),
 		conns:      make(map[io.Closer]struct{}),
+
+		originChanged: make(chan struct{}, 1),
+		probeEvery:    originProbeInterval,
 	}
 	a.bufs.New = func() any {
 		b := make([]byte, copyBufSize)
@@ -226,7 +238,6 @@ func New(opts Options) (*Agent, error) {
 	return a, nil
 }
 
-// parseOrigin parses Options.To.
 // CheckTo reports whether to is an origin New accepts: http://HOST:PORT,
 // https://HOST:PORT or tcp://HOST:PORT. The error does not name the
 // field, so that a command line can name its flag.
@@ -237,6 +248,7 @@ func CheckTo(to string) error {
 	return nil
 }
 
+// parseOrigin parses Options.To.
 func parseOrigin(to string, insecure bool, roots *x509.CertPool) (origin, error) {
 	bad := func(why string) (origin, error) {
 		return origin{}, fmt.Errorf("expose: Options.To %q: %s", to, why)
@@ -341,9 +353,17 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.acceptLoop(serveCtx, ln, &closing)
 	}()
 
+	probeCtx, stopProbing := context.WithCancel(ctx)
+	a.handlers.Add(1)
+	go func() {
+		defer a.handlers.Done()
+		a.watchOrigin(probeCtx)
+	}()
+
 	reg := Registration{Hostname: a.opts.Hostname, Port: port, Protocol: a.origin.protocol, Labels: a.opts.Labels}
 	a.log.Debug("listening on the tunnel", zap.Stringer("addr", ln.Addr()), zap.String("to", a.opts.To))
 	runErr := a.keepRegistered(ctx, reg)
+	stopProbing()
 
 	// Withdraw first, then stop listening: until the gateway has taken
 	// the replica out, the edge may still send it connections.
@@ -430,5 +450,6 @@ func (a *Agent) Stats() Stats {
 	s.BytesFromOrigin = a.fromOrigin.Load()
 	s.Registrations = a.registrations.Load()
 	s.RegistrationErrors = a.registrationErrors.Load()
+	s.OriginDown = a.originDown.Load()
 	return s
 }

@@ -105,13 +105,14 @@ func newControlClient(t Tunnel, control netip.AddrPort) *controlClient {
 	}
 }
 
-// register sends reg and returns the gateway's lease.
-func (c *controlClient) register(ctx context.Context, reg Registration) (Lease, error) {
+// register sends reg and returns the gateway's lease, giving up after
+// timeout.
+func (c *controlClient) register(ctx context.Context, reg Registration, timeout time.Duration) (Lease, error) {
 	body, err := json.Marshal(reg)
 	if err != nil {
 		return Lease{}, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.url, bytes.NewReader(body))
 	if err != nil {

@@ -222,6 +222,7 @@ func startAgent(t *testing.T, cs *controlServer, opts Options) *running {
 		t.Fatal(err)
 	}
 	a.backoffMin, a.backoffMax = 20*time.Millisecond, 100*time.Millisecond
+	a.probeEvery = 20 * time.Millisecond
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &running{Agent: a, cancel: cancel, errc: make(chan error, 1)}
 	go func() { r.errc <- a.Run(ctx) }()

@@ -26,6 +26,11 @@ const (
 	// rotation again within seconds.
 	firstBackoff = 250 * time.Millisecond
 	maxBackoff   = 5 * time.Second
+	// minRequestTimeout bounds how short a lease may make a request's
+	// timeout (see requestTimeoutFor).
+	minRequestTimeout = time.Second
+	// originProbeInterval is how often an origin that is down is tried.
+	originProbeInterval = time.Second
 )
 
 // keepRegistered registers reg and refreshes it as each lease asks,
@@ -40,14 +45,26 @@ func (a *Agent) keepRegistered(ctx context.Context, reg Registration) error {
 	)
 	timer := time.NewTimer(0)
 	defer timer.Stop()
+	timeout := requestTimeout
+	var last time.Time // of the last attempt
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-timer.C:
+		case <-a.originChanged:
+			// Tell the gateway now rather than at the next refresh,
+			// though no more often than minRefresh if the origin
+			// flaps. While failing, the next retry carries the news.
+			if !failing && ever {
+				timer.Reset(max(0, time.Until(last.Add(minRefresh))))
+			}
+			continue
 		}
 		a.attempted.Store(true)
-		lease, err := a.control.register(ctx, reg)
+		reg.OriginDown = a.originDown.Load()
+		last = time.Now()
+		lease, err := a.control.register(ctx, reg, timeout)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -64,6 +81,7 @@ func (a *Agent) keepRegistered(ctx context.Context, reg Registration) error {
 			}
 			ever, failing, backoff = true, false, 0
 			wait = refreshInterval(lease)
+			timeout = requestTimeoutFor(wait)
 		} else {
 			a.noteFailure(err)
 			var ce *ControlError
@@ -99,6 +117,15 @@ func (a *Agent) keepRegistered(ctx context.Context, reg Registration) error {
 		}
 		timer.Reset(wait)
 	}
+}
+
+// requestTimeoutFor is the timeout of requests refreshing a lease that
+// asks for a refresh every refresh. A request that hangs for the full
+// requestTimeout would let a short lease lapse before it is retried;
+// one bounded by the refresh interval leaves time for a retry (a lease
+// lasts three refreshes).
+func requestTimeoutFor(refresh time.Duration) time.Duration {
+	return min(max(refresh, minRequestTimeout), requestTimeout)
 }
 
 // noteLease records a successful registration.

@@ -41,6 +41,13 @@ type Registration struct {
 	Port     uint16            `json:"port"`
 	Protocol string            `json:"protocol"`
 	Labels   map[string]string `json:"labels,omitempty"`
+	// OriginDown says that the agent cannot reach its origin: the edge
+	// would only learn it from connections that end at once, and for
+	// TCP not even then, since the edge's connection to the agent
+	// succeeds. The edge sends such a replica traffic only when no
+	// other can serve. The agent repeats the registration as soon as
+	// this changes, without waiting for the next refresh.
+	OriginDown bool `json:"origin_down,omitempty"`
 }
 
 // Lease is the gateway's answer to a Registration.

@@ -119,20 +119,61 @@ func (a *Agent) handle(ctx context.Context, edge net.Conn) {
 	o, err := a.dialOrigin(ctx)
 	if err != nil {
 		a.originErrors.Add(1)
-		if a.originDown.CompareAndSwap(false, true) {
-			a.log.Warn("origin unreachable", zap.String("to", a.opts.To), zap.Error(err))
+		if ctx.Err() == nil {
+			a.setOriginDown(true, err)
 		}
 		return
 	}
-	if a.originDown.CompareAndSwap(true, false) {
-		a.log.Info("origin reachable again", zap.String("to", a.opts.To))
-	}
+	a.setOriginDown(false, nil)
 	if !a.track(o) {
 		o.Close()
 		return
 	}
 	defer a.untrack(o)
 	a.relay(edge, o)
+}
+
+// setOriginDown records what a connection to the origin, or a probe,
+// found, and wakes the lease loop when that changes.
+func (a *Agent) setOriginDown(down bool, err error) {
+	if !a.originDown.CompareAndSwap(!down, down) {
+		return
+	}
+	if down {
+		a.log.Warn("origin unreachable; the gateway is told to send traffic elsewhere", zap.String("to", a.opts.To), zap.Error(err))
+	} else {
+		a.log.Info("origin reachable again", zap.String("to", a.opts.To))
+	}
+	select {
+	case a.originChanged <- struct{}{}:
+	default: // a wake-up is pending already; it reads the latest state
+	}
+}
+
+// watchOrigin probes the origin every probeEvery while it is down, until
+// ctx is done. The edge stops sending connections to a replica whose
+// origin is down, so without probes nothing would tell the agent that
+// the origin is back.
+func (a *Agent) watchOrigin(ctx context.Context) {
+	t := time.NewTicker(a.probeEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !a.originDown.Load() {
+			continue
+		}
+		c, err := a.dialOrigin(ctx)
+		if err != nil {
+			a.log.Debug("origin probe failed", zap.String("to", a.opts.To), zap.Error(err))
+			continue
+		}
+		c.Close()
+		a.setOriginDown(false, nil)
+	}
 }
 
 // dialOrigin connects to the origin, TLS handshake included.

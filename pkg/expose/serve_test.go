@@ -254,6 +254,75 @@ func TestOriginUnreachable(t *testing.T) {
 	eventually(t, "an origin error counted", func() bool { return a.Stats().OriginErrors == 1 })
 }
 
+// An agent that finds its origin down tells the gateway at once, without
+// waiting for its next refresh, and tells it again when probes find the
+// origin back: the edge's own connection to the agent succeeds either
+// way, so for TCP only the agent can know.
+func TestOriginHealthReported(t *testing.T) {
+	slow := Lease{ID: "r1", TTLSeconds: 60, RefreshSeconds: 20, Weight: 1}
+	cs := newControlServer(t, slow)
+	port := freePort(t)
+	a := startAgent(t, cs, Options{To: fmt.Sprintf("tcp://127.0.0.1:%d", port)})
+	waitRegistered(t, a.Agent)
+	originDown := func(want bool) []put {
+		var puts []put
+		eventually(t, fmt.Sprintf("a registration saying origin_down=%v", want), func() bool {
+			puts, _ = cs.reg.received()
+			return puts[len(puts)-1].reg.OriginDown == want
+		})
+		return puts
+	}
+	if puts := originDown(false); len(puts) != 1 {
+		t.Fatalf("%d registrations before anything happened; want 1", len(puts))
+	}
+
+	if err := readClosed(dialAgent(t, a.Agent)); err != nil {
+		t.Fatalf("connection to an agent whose origin is down: %v", err)
+	}
+	puts := originDown(true)
+	if len(puts) != 2 {
+		t.Errorf("%d registrations; want the first and one saying the origin is down", len(puts))
+	}
+	if st := a.Stats(); !st.OriginDown || st.OriginErrors != 1 {
+		t.Errorf("stats %+v; want the origin down after one error", st)
+	}
+	// Probes keep failing meanwhile; nothing more is said.
+	time.Sleep(100 * time.Millisecond)
+	if puts, _ := cs.reg.received(); len(puts) != 2 {
+		t.Errorf("%d registrations while the origin stays down; want 2", len(puts))
+	}
+
+	// The origin comes back on its port: a probe finds it, with no
+	// connection from the edge needed.
+	ln, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		t.Skipf("the origin's port was taken meanwhile: %v", err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	originDown(false)
+	if st := a.Stats(); st.OriginDown || st.Accepted != 1 {
+		t.Errorf("stats %+v; want the origin up, with no connection from the edge since", st)
+	}
+	c := dialAgent(t, a.Agent)
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Write([]byte("back")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4)
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "back" {
+		t.Fatalf("echo through the agent after the origin came back: %q, %v", got, err)
+	}
+}
+
 func TestMaxConns(t *testing.T) {
 	cs := newControlServer(t, fastLease)
 	a := startAgent(t, cs, Options{To: "tcp://" + newEchoOrigin(t), MaxConns: 2})

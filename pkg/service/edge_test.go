@@ -113,6 +113,7 @@ func runAgent(t testing.TB, conf, hostname, to string, labels map[string]string)
 	select {
 	case <-a.Registered():
 	case err := <-ar.done:
+		ar.done <- err // for stop, at cleanup
 		t.Fatalf("agent for %s: %v", hostname, err)
 	case <-time.After(20 * time.Second):
 		t.Fatalf("agent for %s never registered: %+v", hostname, a.Stats())
@@ -516,6 +517,122 @@ func TestExposePoliciesAndStreaming(t *testing.T) {
 			t.Errorf("sluice_edge_refused_total has no %s: %v", want, refused)
 		}
 	}
+}
+
+// A TCP replica whose origin dies looks fine to the edge: the edge's
+// connection to the agent succeeds, and only then does the agent fail to
+// reach its origin. The agent says so in its registration, so the edge
+// stops sending it connections after the first failure, and sends them
+// again once the agent's probes find the origin back.
+func TestExposeTCPOriginDown(t *testing.T) {
+	const host = "db.sluice.test"
+	r, _ := startEdgeService(t, func(o *EdgeOptions) {
+		o.Registry.Hostnames = map[string]registry.Hostname{host: {Peers: []string{"db-a", "db-b"}}}
+		o.Edge.TCP = []edge.TCPRoute{{Addr: "127.0.0.1:0", Hostname: host}}
+	})
+	edgeTCP := r.svc.Edge().TCPAddrs()[0].String()
+	a := namedEcho(t, "a", "127.0.0.1:0")
+	b := namedEcho(t, "b", "127.0.0.1:0")
+	bAddr := b.Addr().String()
+	startAgent(t, r, "db-a", host, "tcp://"+a.Addr().String(), nil)
+	startAgent(t, r, "db-b", host, "tcp://"+bAddr, nil)
+
+	// ask opens a connection through the edge and returns the name of
+	// the origin that echoed, or "" if the connection ended unanswered.
+	ask := func() string {
+		c, err := net.DialTimeout("tcp", edgeTCP, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "hi\n")
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			return ""
+		}
+		name, _, _ := strings.Cut(line, " ")
+		return name
+	}
+	served := func(n int) map[string]int {
+		got := map[string]int{}
+		for range n {
+			got[ask()]++
+		}
+		return got
+	}
+	replicaB := func() registry.Replica {
+		svcs, err := r.unix.Services(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range svcs {
+			for _, rep := range s.Replicas {
+				if rep.Peer == "db-b" {
+					return rep
+				}
+			}
+		}
+		t.Fatalf("db-b is not listed: %+v", svcs)
+		return registry.Replica{}
+	}
+	if got := served(10); got["a"] != 5 || got["b"] != 5 {
+		t.Fatalf("both origins up, 10 connections: %v; want 5 each", got)
+	}
+
+	b.Close()
+	// The edge alternates, so one of the next two connections goes to b
+	// and ends unanswered; b's agent then tells the gateway. (Connections
+	// that arrive before its word do too.)
+	if got := served(2); got[""] != 1 || got["a"] != 1 {
+		t.Errorf("2 connections right after b's origin died: %v; want one unanswered, one by a", got)
+	}
+	waitFor(t, 5*time.Second, func() bool { return replicaB().OriginDown })
+	if rep := replicaB(); rep.Healthy || rep.Weight != 0 {
+		t.Errorf("db-b with its origin down: %+v; want unhealthy, weight 0", rep)
+	}
+	if got := served(20); got["a"] != 20 {
+		t.Errorf("b's origin down, 20 connections: %v; want all answered by a", got)
+	}
+
+	// b's origin comes back on its address; its agent finds it by itself.
+	nb := namedEcho(t, "b", bAddr)
+	defer nb.Close()
+	waitFor(t, 10*time.Second, func() bool { return replicaB().Healthy })
+	if got := served(10); got["a"] != 5 || got["b"] != 5 {
+		t.Errorf("b's origin back, 10 connections: %v; want 5 each", got)
+	}
+}
+
+// namedEcho is a TCP origin at addr that answers each line with its name
+// and the line.
+func namedEcho(t *testing.T, name, addr string) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					line, err := br.ReadString('\n')
+					if err != nil {
+						return
+					}
+					io.WriteString(c, name+" "+line)
+				}
+			}()
+		}
+	}()
+	return ln
 }
 
 // proxiedEcho is a TCP origin behind a PROXY protocol v2 header: it reads

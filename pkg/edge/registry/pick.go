@@ -12,9 +12,10 @@ import (
 // it) between the weight rules' groups that have a healthy replica, so a
 // 90/10 split is exact over every 10 picks; then the least recently
 // picked healthy replica of the group. Replicas that match no rule serve
-// when no weighted group can; replicas cooling down after a failure serve,
-// least recently failed first, when nothing else can, since trying is
-// better than refusing.
+// when no weighted group can; replicas resting (cooling down after a
+// failure, or reporting their origin down) serve when nothing else can,
+// since trying is better than refusing: those that only failed first,
+// least recently failed first.
 //
 // ErrUnknownHost: the hostname is neither configured nor registered.
 // ErrNoReplica: it is, but no replica can take the attempt.
@@ -40,15 +41,15 @@ func (r *Registry) Pick(hostname, protocol string, exclude []string) (Replica, e
 	}
 
 	clear(s.healthy)
-	var spare, cooling *replica // best unmatched, best cooling down
+	var spare, resting *replica // best unmatched, best resting
 	for _, rp := range s.replicas {
 		if rp.group >= 0 && s.rules[rp.group].Weight == 0 || excluded(rp.ID, exclude) {
 			continue
 		}
 		switch {
-		case rp.cooling(now):
-			if cooling == nil || rp.lastFail.Before(cooling.lastFail) {
-				cooling = rp
+		case rp.resting(now):
+			if resting == nil || rp.restsBefore(resting) {
+				resting = rp
 			}
 		case rp.group < 0:
 			if spare == nil || rp.lastPick < spare.lastPick {
@@ -63,7 +64,7 @@ func (r *Registry) Pick(hostname, protocol string, exclude []string) (Replica, e
 	weight, healthy := 0, true
 	if g := s.nextGroup(); g >= 0 {
 		for _, rp := range s.replicas {
-			if rp.group == g && !rp.cooling(now) && !excluded(rp.ID, exclude) &&
+			if rp.group == g && !rp.resting(now) && !excluded(rp.ID, exclude) &&
 				(pick == nil || rp.lastPick < pick.lastPick) {
 				pick = rp
 			}
@@ -74,8 +75,8 @@ func (r *Registry) Pick(hostname, protocol string, exclude []string) (Replica, e
 		if len(s.rules) == 0 {
 			weight = 1
 		}
-	} else if cooling != nil {
-		pick, healthy = cooling, false
+	} else if resting != nil {
+		pick, healthy = resting, false
 	} else {
 		return Replica{}, fmt.Errorf("%w for %s", ErrNoReplica, hostname)
 	}
@@ -130,10 +131,26 @@ func (rp *replica) cooling(now time.Time) bool {
 	return !rp.coolTill.IsZero() && now.Before(rp.coolTill)
 }
 
+// resting reports whether rp is out of rotation: cooling down, or its
+// agent cannot reach its origin.
+func (rp *replica) resting(now time.Time) bool {
+	return rp.OriginDown || rp.cooling(now)
+}
+
+// restsBefore orders resting replicas for a last resort: one whose agent
+// reached its origin at its last word before one that did not (a failed
+// attempt may have been a passing one), then the least recently failed.
+func (rp *replica) restsBefore(o *replica) bool {
+	if rp.OriginDown != o.OriginDown {
+		return !rp.OriginDown
+	}
+	return rp.lastFail.Before(o.lastFail)
+}
+
 // weightOf returns rp's current Weight and Healthy, as Replica documents
 // them.
 func (s *service) weightOf(rp *replica, now time.Time) (weight int, healthy bool) {
-	if rp.cooling(now) {
+	if rp.resting(now) {
 		return 0, false
 	}
 	if len(s.rules) == 0 {
@@ -144,7 +161,7 @@ func (s *service) weightOf(rp *replica, now time.Time) (weight int, healthy bool
 	}
 	n := 0
 	for _, x := range s.replicas {
-		if x.group == rp.group && !x.cooling(now) {
+		if x.group == rp.group && !x.resting(now) {
 			n++
 		}
 	}

@@ -112,8 +112,9 @@ type Options struct {
 // to 100): its group's weight divided by the group's healthy replicas,
 // rounded, at least 1. With no rules every healthy replica has weight 1
 // (an even split). 0 means the replica gets traffic only as a last resort:
-// it is cooling down after a failure, matches no rule, or matches a rule
-// of weight 0 (which keeps it out of rotation altogether).
+// it is cooling down after a failure, its agent reports its origin down,
+// matches no rule, or matches a rule of weight 0 (which keeps it out of
+// rotation altogether).
 //
 // Labels is shared with the registry: read it, do not modify it.
 type Replica struct {
@@ -126,6 +127,7 @@ type Replica struct {
 	Labels     map[string]string `json:"labels,omitempty"`
 	Weight     int               `json:"weight"`
 	Healthy    bool              `json:"healthy"`
+	OriginDown bool              `json:"origin_down,omitempty"`
 	Registered time.Time         `json:"registered"`
 	LastSeen   time.Time         `json:"last_seen"`
 	Failures   uint64            `json:"failures"`
@@ -431,11 +433,20 @@ func (r *Registry) Register(peer Peer, addr netip.Addr, reg expose.Registration)
 		rp.Labels = maps.Clone(reg.Labels)
 		rp.group = groupOf(s.rules, rp.Labels)
 	}
+	if rp.OriginDown != reg.OriginDown && !fresh {
+		if reg.OriginDown {
+			r.log.Info("replica's origin is down", zap.String("replica", id))
+		} else {
+			r.log.Info("replica's origin is up again", zap.String("replica", id))
+		}
+	}
+	rp.OriginDown = reg.OriginDown
 	rp.LastSeen = now
 	rp.expires = now.Add(r.lease)
 	if fresh {
 		r.log.Info("replica registered", zap.String("replica", id),
-			zap.Stringer("addr", rp.Addr), zap.String("protocol", rp.Protocol), zap.Any("labels", rp.Labels))
+			zap.Stringer("addr", rp.Addr), zap.String("protocol", rp.Protocol), zap.Any("labels", rp.Labels),
+			zap.Bool("origin_down", rp.OriginDown))
 	} else {
 		r.log.Debug("replica refreshed", zap.String("replica", id))
 	}
@@ -594,8 +605,8 @@ func (r *Registry) Services() []Service {
 }
 
 // Counts returns how many hostnames have replicas, how many replicas
-// there are, and how many of them are healthy (not cooling down after a
-// failure), for metrics.
+// there are, and how many of them are healthy (neither cooling down after
+// a failure nor reporting their origin down), for metrics.
 func (r *Registry) Counts() (hostnames, replicas, healthy int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -604,7 +615,7 @@ func (r *Registry) Counts() (hostnames, replicas, healthy int) {
 	for _, s := range r.services {
 		for _, rp := range s.replicas {
 			replicas++
-			if !rp.cooling(now) {
+			if !rp.resting(now) {
 				healthy++
 			}
 		}

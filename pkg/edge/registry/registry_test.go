@@ -295,6 +295,57 @@ func TestCooldown(t *testing.T) {
 	r.Report("nobody/x.example.com/1", errors.New("ignored")) // unknown: no panic
 }
 
+func TestOriginDown(t *testing.T) {
+	r, c := newRegistry(t, Options{Hostnames: stableCanary, FailureCooldown: 5 * time.Second, Lease: time.Hour})
+	a, b := "alice/app.example.com/80", "bob/app.example.com/80"
+	mustRegister(t, r, alice, addrOf(1), httpReg("app.example.com", 80, "release=stable"))
+	mustRegister(t, r, bob, addrOf(2), httpReg("app.example.com", 80, "release=canary"))
+
+	// Alice's agent says its origin is down: the canary takes it all,
+	// though the edge never saw alice fail.
+	down := httpReg("app.example.com", 80, "release=stable")
+	down.OriginDown = true
+	if l := mustRegister(t, r, alice, addrOf(1), down); l.Weight != 0 {
+		t.Errorf("lease of a replica whose origin is down: weight %d; want 0", l.Weight)
+	}
+	if got := picks(t, r, "app.example.com", 20); got[b] != 20 {
+		t.Errorf("alice's origin down: %v; want all to bob", got)
+	}
+	svc := r.Services()[0]
+	if rp := svc.Replicas[0]; rp.ID != a || rp.Healthy || !rp.OriginDown || rp.Weight != 0 || rp.Failures != 0 {
+		t.Errorf("alice in the listing: %+v; want unhealthy, origin down, weight 0, no failures", rp)
+	}
+	if _, n, healthy := r.Counts(); n != 2 || healthy != 1 {
+		t.Errorf("Counts: %d replicas, %d healthy; want 2, 1", n, healthy)
+	}
+	// A success reported by the edge (a last-resort attempt whose
+	// connection to the agent worked) does not override the agent.
+	r.Report(a, nil)
+	if got := picks(t, r, "app.example.com", 10); got[b] != 10 {
+		t.Errorf("after a reported success, alice's origin still down: %v", got)
+	}
+
+	// With bob cooling down too, bob serves first: he only failed once,
+	// while alice's agent knows its origin is down.
+	r.Report(b, errors.New("reset"))
+	for range 3 {
+		if rp, err := r.Pick("app.example.com", "", nil); err != nil || rp.ID != b || rp.Healthy {
+			t.Fatalf("both resting: %+v, %v; want bob, unhealthy", rp, err)
+		}
+	}
+	// Only alice is left to try: a last resort rather than a refusal.
+	if rp, err := r.Pick("app.example.com", "", []string{b}); err != nil || rp.ID != a {
+		t.Fatalf("bob excluded: %+v, %v; want alice as a last resort", rp, err)
+	}
+
+	// Her origin comes back: the 90/10 split is restored at once.
+	c.Advance(5 * time.Second) // bob's cooldown is over
+	mustRegister(t, r, alice, addrOf(1), httpReg("app.example.com", 80, "release=stable"))
+	if got := picks(t, r, "app.example.com", 100); got[a] != 90 || got[b] != 10 {
+		t.Errorf("alice's origin back: %v; want 90/10", got)
+	}
+}
+
 func TestLeaseExpiry(t *testing.T) {
 	r, c := newRegistry(t, Options{Lease: 6 * time.Second})
 	l := mustRegister(t, r, alice, addrOf(1), httpReg("app.example.com", 80))
