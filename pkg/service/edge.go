@@ -89,9 +89,14 @@ func (s *Service) startEdge(ctx context.Context) error {
 		srv: &http.Server{
 			Handler:           handler,
 			ReadHeaderTimeout: 5 * time.Second,
-			IdleTimeout:       2 * time.Minute,
-			MaxHeaderBytes:    16 << 10,
-			ErrorLog:          zap.NewStdLog(s.log.Named("control")),
+			// A registration is a few hundred bytes each way: a
+			// peer trickling one must not hold a connection, which
+			// every agent's refreshes share the backlog with.
+			ReadTimeout:    10 * time.Second,
+			WriteTimeout:   10 * time.Second,
+			IdleTimeout:    2 * time.Minute,
+			MaxHeaderBytes: 16 << 10,
+			ErrorLog:       zap.NewStdLog(s.log.Named("control")),
 		},
 		done: make(chan error, 1),
 	}

@@ -74,6 +74,13 @@ func (h *controlHandler) register(w http.ResponseWriter, req *http.Request, peer
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("registration: bad JSON: %v", err))
 		return
 	}
+	if req.Context().Err() != nil {
+		// The agent has given up on this request: it is stopping,
+		// and its DELETE may have come in already, or it timed out
+		// and will try again. Registering now could revive a replica
+		// whose listener is gone, for a whole lease.
+		return
+	}
 	// Who calls is checked again, now that the body is in, together
 	// with the registration, so that ForgetPeer comes before or after
 	// both.
