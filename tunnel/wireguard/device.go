@@ -22,6 +22,7 @@ import (
 	"go.uber.org/zap"
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/ipc"
 	"golang.zx2c4.com/wireguard/tun"
 )
 
@@ -133,7 +134,14 @@ func newDevice(dev tun.Device, opts Options) (*Device, error) {
 		owners: make(map[netip.Prefix]Key),
 	}
 	var uapi strings.Builder
-	fmt.Fprintf(&uapi, "private_key=%s\n", opts.PrivateKey.hex())
+	// The port comes before the peers. wireguard-go brings the device up
+	// by itself when dev reports tun.EventUp, and a peer with an endpoint
+	// sends its handshake initiation as soon as it starts on an up
+	// device: had the port been set after the peers, the bind would be
+	// reopened under that initiation, its response would go to a socket
+	// that is closed, and the handshake would wait REKEY_TIMEOUT (5 s)
+	// to be tried again.
+	fmt.Fprintf(&uapi, "private_key=%s\nlisten_port=%d\n", opts.PrivateKey.hex(), opts.ListenPort)
 	for i, p := range opts.Peers {
 		field := fmt.Sprintf("Options.Peers[%d]", i)
 		if err := d.checkPeer(p, field); err != nil {
@@ -157,15 +165,15 @@ func newDevice(dev tun.Device, opts Options) (*Device, error) {
 	d.wg = device.NewDevice(dev, bind, newDeviceLogger(log.Named("wireguard")))
 	if err := d.wg.IpcSet(uapi.String()); err != nil {
 		d.wg.Close()
+		// When the device is up already, setting the port opens the
+		// bind, which can find the port taken.
+		var ipcErr *device.IPCError
+		if errors.As(err, &ipcErr) && ipcErr.ErrorCode() == ipc.IpcErrorPortInUse {
+			return nil, fmt.Errorf("wireguard: listen on UDP port %d: %w", opts.ListenPort, err)
+		}
 		return nil, fmt.Errorf("wireguard: configure device: %w", err)
 	}
-	// The device may already be up: wireguard-go brings it up by itself
-	// when dev reports tun.EventUp. Then the bind is opened by setting the
-	// port, otherwise by Up; either can find the port taken.
-	if err := d.wg.IpcSet(fmt.Sprintf("listen_port=%d\n", opts.ListenPort)); err != nil {
-		d.wg.Close()
-		return nil, fmt.Errorf("wireguard: listen on UDP port %d: %w", opts.ListenPort, err)
-	}
+	// Otherwise Up opens it, and is where the port is found taken.
 	if err := d.wg.Up(); err != nil {
 		d.wg.Close()
 		return nil, fmt.Errorf("wireguard: listen on UDP port %d: %w", opts.ListenPort, err)

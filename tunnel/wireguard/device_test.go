@@ -599,3 +599,34 @@ func TestDeviceAddPeerFailureLeavesNoPeer(t *testing.T) {
 		t.Errorf("endpoint %v", st.Endpoint)
 	}
 }
+
+// A client's first handshake must not be lost to its own start-up: the
+// device comes up by itself when its tun reports EventUp, and a peer with
+// an endpoint and a keepalive sends its initiation at once. Were the
+// listen port set after that, the bind would be reopened under the
+// initiation and the answer lost, costing REKEY_TIMEOUT (5 s) before the
+// next try. Each new client gets rekeyTimeout/2 to complete.
+func TestDeviceFirstHandshakeIsNotLost(t *testing.T) {
+	t.Parallel()
+	const rekeyTimeout = 5 * time.Second
+	for i := range 8 {
+		cpriv := genKey(t)
+		server, serverPub := newServer(t, clientPeer(cpriv.PublicKey(), Key{}, "100.96.0.2/32"))
+		client := newNode(t, Options{
+			PrivateKey: cpriv,
+			Peers: []Peer{{
+				PublicKey:           serverPub,
+				Endpoint:            loopback(server.dev.ListenPort()),
+				AllowedIPs:          prefixes(t, "0.0.0.0/0"),
+				PersistentKeepalive: 25 * time.Second,
+			}},
+		})
+		deadline := time.Now().Add(rekeyTimeout / 2)
+		for client.stats(t, serverPub).LastHandshake.IsZero() {
+			if time.Now().After(deadline) {
+				t.Fatalf("client %d: no handshake within %v of New; the first initiation was lost", i, rekeyTimeout/2)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+}
