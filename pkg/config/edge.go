@@ -34,7 +34,7 @@ type Edge struct {
 	TCP []TCPRoute
 	// OnlyListed refuses registrations of hostnames that Hostnames does
 	// not list (edge.only_listed) [false: the first peer to register a
-	// hostname holds it while it serves it].
+	// hostname holds it while it serves it, and for three leases after].
 	OnlyListed bool
 	// DialTimeout bounds one connection attempt to an agent through the
 	// tunnel (edge.dial_timeout) [3s].

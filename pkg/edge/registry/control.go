@@ -126,6 +126,10 @@ func statusOf(err error) int {
 		return http.StatusConflict
 	case errors.Is(err, ErrLimit):
 		return http.StatusTooManyRequests
+	case errors.Is(err, ErrClaimed):
+		// For a while only: the agent keeps trying, and takes the
+		// name over if its holder does not come back.
+		return http.StatusServiceUnavailable
 	}
 	return http.StatusInternalServerError
 }

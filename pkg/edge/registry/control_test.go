@@ -203,6 +203,17 @@ func TestControlErrors(t *testing.T) {
 	if got.status != 403 || !strings.Contains(got.err, "alice") || !strings.Contains(got.err, "edge.hostnames.app.example.com.peers") {
 		t.Errorf("bob on alice's hostname: %+v", got)
 	}
+	// Once alice withdraws, the name stays hers for a while: 503, which
+	// an agent retries, telling how long.
+	if got := call(t, a, http.MethodDelete, url+"?hostname=app.example.com&port=80", nil); got.status != 204 {
+		t.Fatalf("DELETE: %+v", got)
+	}
+	if got := call(t, b, http.MethodPut, url, good); got.status != 503 || !strings.Contains(got.err, "alice") || !strings.Contains(got.err, "more") {
+		t.Errorf("bob on the hostname alice just left: %+v, want 503 naming alice", got)
+	}
+	if got := call(t, a, http.MethodPut, url, good); got.status != 200 {
+		t.Fatalf("alice back: %+v", got)
+	}
 	tcp := good
 	tcp.Protocol, tcp.Port = "tcp", 22
 	r.SetHostnames(map[string]Hostname{"app.example.com": {Peers: []string{"alice", "bob"}}}, false)

@@ -31,7 +31,7 @@ func (r *Registry) Pick(hostname, protocol string, exclude []string) (Replica, e
 		s = r.services[hostname]
 	}
 	if s == nil {
-		if _, ok := r.hosts[hostname]; ok {
+		if _, ok := r.hosts[hostname]; ok || r.claimed(hostname, now) {
 			return Replica{}, fmt.Errorf("%w for %s: none registered", ErrNoReplica, hostname)
 		}
 		return Replica{}, fmt.Errorf("%w: %s", ErrUnknownHost, hostname)

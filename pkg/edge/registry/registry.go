@@ -33,6 +33,9 @@ var (
 	// ErrConflict: the hostname is served with another protocol by live
 	// replicas, which must all share one.
 	ErrConflict = errors.New("registry: hostname served with another protocol")
+	// ErrClaimed: the hostname's last holder keeps it for a while (see
+	// Options.ClaimGrace); trying again later may succeed.
+	ErrClaimed = errors.New("registry: hostname held by the peer that served it last")
 )
 
 // Defaults of Options.
@@ -70,8 +73,8 @@ type Weight struct {
 // Hostname is the configuration of one hostname.
 type Hostname struct {
 	// Peers may serve the hostname; empty means the first peer to
-	// register it, while it has a live replica. An entry matches a peer
-	// by name or by public key.
+	// register it, while it has a live replica and for ClaimGrace after.
+	// An entry matches a peer by name or by public key.
 	Peers []string
 	// Weights split the traffic between groups of replicas by label;
 	// empty means evenly between replicas. A replica belongs to the
@@ -94,6 +97,11 @@ type Options struct {
 	// FailureCooldown is how long a replica that failed an attempt is
 	// kept out of rotation, unless it is the last one [5s].
 	FailureCooldown time.Duration
+	// ClaimGrace is how long a hostname that lists no peers stays its
+	// last holder's after its last replica has gone, expired or
+	// withdrawn [3 × Lease; negative: not at all]. Without it, any peer
+	// could take the name while the holder's agent restarts.
+	ClaimGrace time.Duration
 	// MaxHostnames bounds the registered hostnames [1024],
 	// MaxReplicas the replicas of one hostname [64], MaxPerPeer the
 	// registrations of one peer [16].
@@ -149,7 +157,7 @@ type Service struct {
 // touched, every hostname's by Register at most once per Lease and before
 // a limit refuses a registration, so what is held stays within the limits.
 type Registry struct {
-	lease, cooldown                 time.Duration
+	lease, cooldown, claimGrace     time.Duration
 	maxHosts, maxReplicas, maxPerPr int
 	now                             func() time.Time
 	log                             *zap.Logger
@@ -165,8 +173,16 @@ type Registry struct {
 	onlyListed bool
 	services   map[string]*service // hostnames with at least one replica held
 	byID       map[string]*replica
-	perPeer    map[string]int // replicas held, by Peer.key
+	perPeer    map[string]int   // replicas held, by Peer.key
+	claims     map[string]claim // hostnames without replicas, held for a while
 	lastSweep  time.Time
+}
+
+// claim holds a hostname that lists no peers for the peer whose replicas
+// served it last, until a grace period after the last one went.
+type claim struct {
+	peerKey, peer string // Peer.key and name
+	until         time.Time
 }
 
 // service is the state of one hostname that has replicas.
@@ -200,6 +216,7 @@ func New(opts Options) (*Registry, error) {
 	r := &Registry{
 		lease:       opts.Lease,
 		cooldown:    opts.FailureCooldown,
+		claimGrace:  opts.ClaimGrace,
 		maxHosts:    opts.MaxHostnames,
 		maxReplicas: opts.MaxReplicas,
 		maxPerPr:    opts.MaxPerPeer,
@@ -208,6 +225,7 @@ func New(opts Options) (*Registry, error) {
 		services:    map[string]*service{},
 		byID:        map[string]*replica{},
 		perPeer:     map[string]int{},
+		claims:      map[string]claim{},
 	}
 	switch {
 	case r.lease < 0:
@@ -220,6 +238,9 @@ func New(opts Options) (*Registry, error) {
 		return nil, fmt.Errorf("registry: Options.FailureCooldown %s is negative", r.cooldown)
 	case r.cooldown == 0:
 		r.cooldown = DefaultFailureCooldown
+	}
+	if r.claimGrace == 0 {
+		r.claimGrace = 3 * r.lease
 	}
 	for _, l := range []struct {
 		name string
@@ -328,7 +349,7 @@ func (r *Registry) SetHostnames(hosts map[string]Hostname, onlyListed bool) erro
 			}
 			r.log.Info("registration dropped by new configuration",
 				zap.String("replica", rp.ID), zap.String("reason", why))
-			r.remove(s, rp)
+			r.remove(s, rp, time.Time{})
 		}
 		if r.services[name] != nil {
 			s.setRules(h.Weights)
@@ -410,6 +431,7 @@ func (r *Registry) Register(peer Peer, addr netip.Addr, reg expose.Registration)
 		return expose.Lease{}, err
 	}
 	if s == nil {
+		delete(r.claims, reg.Hostname) // the live replica holds it now
 		s = &service{name: reg.Hostname, protocol: reg.Protocol}
 		s.setRules(r.hosts[reg.Hostname].Weights)
 		r.services[reg.Hostname] = s
@@ -479,6 +501,12 @@ func (r *Registry) admit(peer Peer, reg expose.Registration, s *service, now tim
 			return fmt.Errorf("%w: %s is served by peer %s; to let %s serve it too, list both under edge.hostnames.%s.peers in the config",
 				ErrNotAllowed, name, holder, peer.key(), name)
 		}
+	default:
+		// ...and for a grace period after its last replica has gone.
+		if c := r.claims[name]; r.claimed(name, now) && c.peerKey != peer.key() {
+			return fmt.Errorf("%w: %s was last served by peer %s, which keeps it for %s more; to hand it over at once, list %s under edge.hostnames.%s.peers in the config",
+				ErrClaimed, name, c.peerKey, c.until.Sub(now).Round(100*time.Millisecond), peer.key(), name)
+		}
 	}
 	if s != nil && s.protocol != reg.Protocol {
 		// A refresh may change the protocol of the hostname's only replica.
@@ -527,7 +555,7 @@ func (r *Registry) Deregister(peer Peer, hostname string, port uint16) error {
 		return nil
 	}
 	r.log.Info("replica deregistered", zap.String("replica", id))
-	r.remove(r.services[hostname], rp)
+	r.remove(r.services[hostname], rp, r.now())
 	return nil
 }
 
@@ -547,7 +575,12 @@ func (r *Registry) ForgetPeer(name string) int {
 	}
 	for _, rp := range gone {
 		r.log.Info("replica removed with its peer", zap.String("replica", rp.ID))
-		r.remove(r.services[rp.Hostname], rp)
+		r.remove(r.services[rp.Hostname], rp, time.Time{})
+	}
+	for host, c := range r.claims {
+		if c.peer == name {
+			delete(r.claims, host)
+		}
 	}
 	return len(gone)
 }
@@ -559,17 +592,11 @@ func (r *Registry) Known(hostname string) bool {
 	if _, ok := r.hosts[hostname]; ok {
 		return true
 	}
-	s := r.services[hostname]
-	if s == nil {
-		return false
-	}
 	now := r.now()
-	for _, rp := range s.replicas {
-		if !now.After(rp.expires) {
-			return true
-		}
+	if s := r.services[hostname]; s != nil {
+		r.purge(s, now) // what expires leaves a claim behind
 	}
-	return false
+	return r.services[hostname] != nil || r.claimed(hostname, now)
 }
 
 // Services lists the hostnames with their replicas, sorted by hostname,
@@ -636,6 +663,7 @@ func (r *Registry) sweep(now time.Time) {
 	for _, s := range r.services {
 		r.purge(s, now)
 	}
+	r.sweepClaims(now)
 }
 
 // purge removes the expired replicas of s, and s itself if none is left.
@@ -648,18 +676,51 @@ func (r *Registry) purge(s *service, now time.Time) {
 		}
 		r.log.Info("replica expired", zap.String("replica", rp.ID),
 			zap.Duration("silent", now.Sub(rp.LastSeen)))
-		r.remove(s, rp) // shifts the rest down to i
+		r.remove(s, rp, now) // shifts the rest down to i
 	}
 }
 
-// remove forgets rp, a replica of s.
-func (r *Registry) remove(s *service, rp *replica) {
+// remove forgets rp, a replica of s. If it was the last, and the
+// hostname lists no peers, rp's peer keeps the hostname for ClaimGrace
+// from now; a zero now (the configuration or the peer went away) keeps
+// nothing.
+func (r *Registry) remove(s *service, rp *replica, now time.Time) {
 	delete(r.byID, rp.ID)
 	if r.perPeer[rp.peerKey]--; r.perPeer[rp.peerKey] <= 0 {
 		delete(r.perPeer, rp.peerKey)
 	}
 	s.replicas = slices.DeleteFunc(s.replicas, func(x *replica) bool { return x == rp })
-	if len(s.replicas) == 0 {
-		delete(r.services, s.name)
+	if len(s.replicas) > 0 {
+		return
+	}
+	delete(r.services, s.name)
+	if now.IsZero() || r.claimGrace < 0 || len(r.hosts[s.name].Peers) > 0 {
+		return
+	}
+	if len(r.claims) >= r.maxHosts {
+		r.sweepClaims(now)
+	}
+	if len(r.claims) >= r.maxHosts {
+		// As many claims as hostnames: a peer cycling through names.
+		// Holding this one is a courtesy that the bound outranks.
+		r.log.Debug("hostname claim not kept: too many", zap.String("hostname", s.name))
+		return
+	}
+	r.claims[s.name] = claim{peerKey: rp.peerKey, peer: rp.Peer, until: now.Add(r.claimGrace)}
+}
+
+// claimed reports whether hostname's last holder still keeps it: its
+// agent may be restarting, so the name is not unknown.
+func (r *Registry) claimed(hostname string, now time.Time) bool {
+	c, ok := r.claims[hostname]
+	return ok && now.Before(c.until)
+}
+
+// sweepClaims forgets the claims that have run out.
+func (r *Registry) sweepClaims(now time.Time) {
+	for name, c := range r.claims {
+		if !now.Before(c.until) {
+			delete(r.claims, name)
+		}
 	}
 }

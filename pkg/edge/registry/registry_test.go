@@ -363,14 +363,18 @@ func TestLeaseExpiry(t *testing.T) {
 		t.Errorf("at exactly the lease: %v", err)
 	}
 	c.Advance(time.Millisecond)
-	if _, err := r.Pick("app.example.com", "", nil); !errors.Is(err, ErrUnknownHost) {
-		t.Errorf("after the lease: %v, want ErrUnknownHost", err)
+	if _, err := r.Pick("app.example.com", "", nil); !errors.Is(err, ErrNoReplica) {
+		t.Errorf("after the lease: %v, want ErrNoReplica", err)
 	}
-	if r.Known("app.example.com") {
-		t.Error("Known after expiry")
+	if !r.Known("app.example.com") {
+		t.Error("not Known after expiry, while alice's claim lasts")
 	}
 	if h, n, _ := r.Counts(); h != 0 || n != 0 {
 		t.Errorf("Counts after expiry = %d %d", h, n)
+	}
+	c.Advance(18 * time.Second) // the claim is over
+	if _, err := r.Pick("app.example.com", "", nil); !errors.Is(err, ErrUnknownHost) || r.Known("app.example.com") {
+		t.Errorf("after the claim: %v, known %v; want ErrUnknownHost, unknown", err, r.Known("app.example.com"))
 	}
 	// Coming back puts it back, with a new registration time.
 	mustRegister(t, r, alice, addrOf(7), httpReg("app.example.com", 80))
@@ -413,11 +417,47 @@ func TestClaims(t *testing.T) {
 	if _, err := r.Register(bob, addrOf(2), httpReg("app.example.com", 80)); !errors.Is(err, ErrNotAllowed) {
 		t.Errorf("holder has one live replica left: %v, want ErrNotAllowed", err)
 	}
+	// The last one has gone: alice keeps the name for ClaimGrace (3
+	// leases), as if her agent were restarting.
 	c.Advance(3 * time.Second)
+	_, err = r.Register(bob, addrOf(2), httpReg("app.example.com", 80))
+	if !errors.Is(err, ErrClaimed) || !strings.Contains(err.Error(), "alice") || !strings.Contains(err.Error(), "18s more") {
+		t.Errorf("alice's replicas gone a moment ago; bob: %v, want ErrClaimed naming alice and the time left", err)
+	}
+	c.Advance(17 * time.Second)
+	if _, err := r.Register(bob, addrOf(2), httpReg("app.example.com", 80)); !errors.Is(err, ErrClaimed) {
+		t.Errorf("alice's claim has 1s left; bob: %v, want ErrClaimed", err)
+	}
+	c.Advance(time.Second)
 	mustRegister(t, r, bob, addrOf(2), httpReg("app.example.com", 80))
 	if _, err := r.Register(alice, addrOf(1), httpReg("app.example.com", 80)); !errors.Is(err, ErrNotAllowed) {
 		t.Errorf("bob holds it now; alice: %v", err)
 	}
+	// A withdrawal leaves a claim too, and the holder may come back
+	// within it.
+	if err := r.Deregister(bob, "app.example.com", 80); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Register(alice, addrOf(1), httpReg("app.example.com", 80)); !errors.Is(err, ErrClaimed) {
+		t.Errorf("bob withdrew a moment ago; alice: %v, want ErrClaimed", err)
+	}
+	c.Advance(5 * time.Second)
+	mustRegister(t, r, bob, addrOf(2), httpReg("app.example.com", 81))
+	// A peer removed from the gateway keeps nothing.
+	if err := r.Deregister(bob, "app.example.com", 81); err != nil {
+		t.Fatal(err)
+	}
+	r.ForgetPeer("bob")
+	mustRegister(t, r, alice, addrOf(1), httpReg("app.example.com", 80))
+
+	// With a negative ClaimGrace the name is free as soon as the last
+	// replica goes.
+	r3, _ := newRegistry(t, Options{ClaimGrace: -1})
+	mustRegister(t, r3, alice, addrOf(1), httpReg("app.example.com", 80))
+	if err := r3.Deregister(alice, "app.example.com", 80); err != nil {
+		t.Fatal(err)
+	}
+	mustRegister(t, r3, bob, addrOf(2), httpReg("app.example.com", 80))
 
 	// Configured peers share; others are refused, by name or key.
 	r2, _ := newRegistry(t, Options{Hostnames: map[string]Hostname{"app.example.com": {Peers: []string{"alice", bob.PublicKey}}}})
@@ -508,7 +548,7 @@ func TestProtocolMismatch(t *testing.T) {
 }
 
 func TestUnknownAndConfigured(t *testing.T) {
-	r, _ := newRegistry(t, Options{Hostnames: map[string]Hostname{"app.example.com": {}}})
+	r, c := newRegistry(t, Options{Hostnames: map[string]Hostname{"app.example.com": {}}})
 	if _, err := r.Pick("nope.example.com", "", nil); !errors.Is(err, ErrUnknownHost) {
 		t.Errorf("unknown: %v", err)
 	}
@@ -531,6 +571,19 @@ func TestUnknownAndConfigured(t *testing.T) {
 	svcs[1].Replicas[0].Labels = map[string]string{"x": "y"}
 	if got := r.Services()[1].Replicas[0].Labels; got != nil {
 		t.Errorf("snapshot changed the registry: %v", got)
+	}
+
+	// A hostname whose agent has just gone is still known, while its
+	// claim lasts: it has no replica for now, it is not unknown.
+	if err := r.Deregister(alice, "dyn.example.com", 80); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Pick("dyn.example.com", "", nil); !errors.Is(err, ErrNoReplica) || !r.Known("dyn.example.com") {
+		t.Errorf("claimed, no replica: %v, known %v; want ErrNoReplica, known", err, r.Known("dyn.example.com"))
+	}
+	c.Advance(3 * DefaultLease)
+	if _, err := r.Pick("dyn.example.com", "", nil); !errors.Is(err, ErrUnknownHost) || r.Known("dyn.example.com") {
+		t.Errorf("claim over: %v, known %v; want ErrUnknownHost, unknown", err, r.Known("dyn.example.com"))
 	}
 }
 
