@@ -64,7 +64,7 @@ func (e *Edge) serveHTTP(l *listener, w http.ResponseWriter, r *http.Request) {
 		// testing its luck with a wildcard certificate) is sent back to
 		// open a connection of its own (RFC 9110, 15.5.20).
 		if sni := canonicalHost(r.TLS.ServerName); sni != "" && sni != host {
-			msg := fmt.Sprintf("sluice: this connection is for %s, not %.*s\n", sni, maxHostInMessage, host)
+			msg := fmt.Sprintf("sluice: this connection is for %s, not %.*s", sni, maxHostInMessage, host)
 			switch {
 			case e.keepsStats(host):
 				e.refuse(w, r, e.stats.host(host), start, host, client, reasonMisdirected, http.StatusMisdirectedRequest, msg)
@@ -86,13 +86,13 @@ func (e *Edge) serveHTTP(l *listener, w http.ResponseWriter, r *http.Request) {
 	defer func() { st.observe(rec.status(), time.Since(start)) }()
 
 	if r.Method == http.MethodConnect {
-		http.Error(rec, "sluice: CONNECT is not served here\n", http.StatusMethodNotAllowed)
+		http.Error(rec, "sluice: CONNECT is not served here", http.StatusMethodNotAllowed)
 		return
 	}
 
 	pol := e.policy(host)
 	if !pol.admitAddr(client) {
-		e.refuse(rec, r, st, time.Time{}, host, client, reasonIP, http.StatusForbidden, "sluice: your address may not reach "+host+"\n")
+		e.refuse(rec, r, st, time.Time{}, host, client, reasonIP, http.StatusForbidden, "sluice: your address may not reach "+host+"")
 		return
 	}
 	if limit := pol.admitRate(client); limit != limitNone {
@@ -102,18 +102,18 @@ func (e *Edge) serveHTTP(l *listener, w http.ResponseWriter, r *http.Request) {
 		}
 		e.warnf("rate:"+which+":"+host, "edge: rate limit reached; refusing requests", zap.String("hostname", host), zap.String("limit", which))
 		rec.Header().Set("Retry-After", strconv.Itoa(pol.retryAfter(limit)))
-		e.refuse(rec, r, st, time.Time{}, host, client, reasonRate, http.StatusTooManyRequests, "sluice: too many requests for "+host+"\n")
+		e.refuse(rec, r, st, time.Time{}, host, client, reasonRate, http.StatusTooManyRequests, "sluice: too many requests for "+host+"")
 		return
 	}
 	if !pol.admitPath(r.URL.Path) {
-		e.refuse(rec, r, st, time.Time{}, host, client, reasonPath, http.StatusForbidden, "sluice: path not allowed\n")
+		e.refuse(rec, r, st, time.Time{}, host, client, reasonPath, http.StatusForbidden, "sluice: path not allowed")
 		return
 	}
 	if pol != nil && pol.auth != nil && !pol.auth.check(r.Context(), r) {
 		for _, c := range pol.auth.challenge(host) {
 			rec.Header().Add("WWW-Authenticate", c)
 		}
-		e.refuse(rec, r, st, time.Time{}, host, client, reasonAuth, http.StatusUnauthorized, "sluice: authentication required\n")
+		e.refuse(rec, r, st, time.Time{}, host, client, reasonAuth, http.StatusUnauthorized, "sluice: authentication required")
 		return
 	}
 
@@ -153,10 +153,10 @@ func (e *Edge) unknownHost(w http.ResponseWriter, l *listener, host string, clie
 	l.stats.unknown.Add(1)
 	e.log.Debug("unknown hostname", zap.String("listener", l.stats.name), zap.String("hostname", host), zap.Stringer("client", client))
 	if host == "" {
-		http.Error(w, "sluice: the request names no host\n", http.StatusNotFound)
+		http.Error(w, "sluice: the request names no host", http.StatusNotFound)
 		return
 	}
-	http.Error(w, fmt.Sprintf("sluice: no service for host %.*s\n", maxHostInMessage, host), http.StatusNotFound)
+	http.Error(w, fmt.Sprintf("sluice: no service for host %.*s", maxHostInMessage, host), http.StatusNotFound)
 }
 
 // canonicalHost is the hostname of a Host header or TLS server name:
@@ -294,7 +294,7 @@ func (e *Edge) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		st.stats.refused[reasonNoReplica].Add(1)
 		e.warnf("noreplica:"+st.host, "edge: no replica available", zap.String("hostname", st.host))
 		w.Header().Set("Retry-After", "1")
-		http.Error(w, "sluice: no replica of "+st.host+" is available\n", http.StatusServiceUnavailable)
+		http.Error(w, "sluice: no replica of "+st.host+" is available", http.StatusServiceUnavailable)
 	case r.Context().Err() != nil:
 		// The client went away (or the edge is closing): nobody reads
 		// this answer. 499, after nginx, keeps it out of the 5xx that
@@ -303,10 +303,10 @@ func (e *Edge) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.As(err, new(*clientBodyError)):
 		// The client's own fault; a 5xx would count against an origin
 		// that did nothing wrong.
-		http.Error(w, "sluice: the request body could not be read\n", http.StatusBadRequest)
+		http.Error(w, "sluice: the request body could not be read", http.StatusBadRequest)
 	default:
 		e.log.Debug("proxying failed", zap.String("hostname", st.host), zap.Stringer("client", st.client), zap.Error(err))
-		http.Error(w, "sluice: no replica of "+st.host+" answered\n", http.StatusBadGateway)
+		http.Error(w, "sluice: no replica of "+st.host+" answered", http.StatusBadGateway)
 	}
 }
 
