@@ -63,7 +63,12 @@ func printServices(w io.Writer, svcs []admin.ServiceInfo, now time.Time) {
 	fmt.Fprintln(tw, "HOSTNAME\tPROTOCOL\tPEER\tADDRESS\tLABELS\tWEIGHT\tHEALTH\tLAST SEEN")
 	for _, s := range svcs {
 		if len(s.Replicas) == 0 {
-			fmt.Fprintf(tw, "%s\t%s\t-\t-\t-\t-\tno replica\t-\n", s.Hostname, orDash(s.Protocol))
+			health, peer := "no replica", "-"
+			if s.HeldBy != "" {
+				health = fmt.Sprintf("no replica; held for %s", s.HeldUntil.Sub(now).Round(time.Second))
+				peer = s.HeldBy
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t-\t-\t-\t%s\t-\n", s.Hostname, orDash(s.Protocol), peer, health)
 			continue
 		}
 		for _, r := range s.Replicas {

@@ -142,11 +142,15 @@ type Replica struct {
 	LastError  string            `json:"last_error,omitempty"`
 }
 
-// Service is a hostname and its replicas, for listing.
+// Service is a hostname and its replicas, for listing. HeldBy and
+// HeldUntil name the peer that keeps a hostname without replicas for a
+// while after its last one went (see Options.ClaimGrace).
 type Service struct {
-	Hostname string    `json:"hostname"`
-	Protocol string    `json:"protocol"`
-	Replicas []Replica `json:"replicas"`
+	Hostname  string    `json:"hostname"`
+	Protocol  string    `json:"protocol"`
+	Replicas  []Replica `json:"replicas"`
+	HeldBy    string    `json:"held_by,omitempty"`
+	HeldUntil time.Time `json:"held_until,omitzero"`
 }
 
 // Registry is safe for concurrent use.
@@ -613,10 +617,18 @@ func (r *Registry) Services() []Service {
 			names = append(names, h)
 		}
 	}
+	for h := range r.claims {
+		if _, configured := r.hosts[h]; !configured && r.services[h] == nil {
+			names = append(names, h)
+		}
+	}
 	slices.Sort(names)
 	out := make([]Service, 0, len(names))
 	for _, name := range names {
 		svc := Service{Hostname: name, Replicas: []Replica{}}
+		if c, ok := r.claims[name]; ok && r.services[name] == nil {
+			svc.HeldBy, svc.HeldUntil = c.peerKey, c.until
+		}
 		if s := r.services[name]; s != nil {
 			svc.Protocol = s.protocol
 			for _, rp := range s.replicas {

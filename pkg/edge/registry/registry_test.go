@@ -441,6 +441,9 @@ func TestClaims(t *testing.T) {
 	if _, err := r.Register(alice, addrOf(1), httpReg("app.example.com", 80)); !errors.Is(err, ErrClaimed) {
 		t.Errorf("bob withdrew a moment ago; alice: %v, want ErrClaimed", err)
 	}
+	if svcs := r.Services(); len(svcs) != 1 || len(svcs[0].Replicas) != 0 || svcs[0].HeldBy != "bob" || !svcs[0].HeldUntil.Equal(c.Now().Add(18*time.Second)) {
+		t.Errorf("listing while bob holds the name: %+v", svcs)
+	}
 	c.Advance(5 * time.Second)
 	mustRegister(t, r, bob, addrOf(2), httpReg("app.example.com", 81))
 	// A peer removed from the gateway keeps nothing.
