@@ -607,6 +607,32 @@ func TestExposeTCPOriginDown(t *testing.T) {
 // namedEcho is a TCP origin at addr that answers each line with its name
 // and the line.
 func namedEcho(t *testing.T, name, addr string) net.Listener {
+	return lineOrigin(t, addr, func(c net.Conn, br *bufio.Reader) string { return name })
+}
+
+// proxiedEcho is a TCP origin behind a PROXY protocol v2 header: it reads
+// the header, then echoes each line prefixed with the client address the
+// header carried.
+func proxiedEcho(t *testing.T) net.Listener {
+	return lineOrigin(t, "127.0.0.1:0", func(c net.Conn, br *bufio.Reader) string {
+		hdr := make([]byte, 16)
+		if _, err := io.ReadFull(br, hdr); err != nil || string(hdr[:12]) != "\r\n\r\n\x00\r\nQUIT\n" || hdr[12] != 0x21 || hdr[13] != 0x11 {
+			io.WriteString(c, "bad PROXY header\n")
+			return ""
+		}
+		addrs := make([]byte, binary.BigEndian.Uint16(hdr[14:]))
+		if _, err := io.ReadFull(br, addrs); err != nil || len(addrs) < 12 {
+			return ""
+		}
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(addrs[0:4])), binary.BigEndian.Uint16(addrs[8:])).String()
+	})
+}
+
+// lineOrigin is a TCP origin at addr that, on each connection, asks
+// prefix for the prefix of its answers (which may read a header first;
+// "" closes the connection), then answers each line with the prefix and
+// the line, until the test ends.
+func lineOrigin(t *testing.T, addr string, prefix func(net.Conn, *bufio.Reader) string) net.Listener {
 	t.Helper()
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -622,54 +648,16 @@ func namedEcho(t *testing.T, name, addr string) net.Listener {
 			go func() {
 				defer c.Close()
 				br := bufio.NewReader(c)
+				p := prefix(c, br)
+				if p == "" {
+					return
+				}
 				for {
 					line, err := br.ReadString('\n')
 					if err != nil {
 						return
 					}
-					io.WriteString(c, name+" "+line)
-				}
-			}()
-		}
-	}()
-	return ln
-}
-
-// proxiedEcho is a TCP origin behind a PROXY protocol v2 header: it reads
-// the header, then echoes each line prefixed with the client address the
-// header carried.
-func proxiedEcho(t *testing.T) net.Listener {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				hdr := make([]byte, 16)
-				if _, err := io.ReadFull(br, hdr); err != nil || string(hdr[:12]) != "\r\n\r\n\x00\r\nQUIT\n" || hdr[12] != 0x21 || hdr[13] != 0x11 {
-					io.WriteString(c, "bad PROXY header\n")
-					return
-				}
-				addrs := make([]byte, binary.BigEndian.Uint16(hdr[14:]))
-				if _, err := io.ReadFull(br, addrs); err != nil || len(addrs) < 12 {
-					return
-				}
-				src := netip.AddrPortFrom(netip.AddrFrom4([4]byte(addrs[0:4])), binary.BigEndian.Uint16(addrs[8:]))
-				for {
-					line, err := br.ReadString('\n')
-					if err != nil {
-						return
-					}
-					io.WriteString(c, src.String()+" "+line)
+					io.WriteString(c, p+" "+line)
 				}
 			}()
 		}
