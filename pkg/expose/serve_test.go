@@ -23,19 +23,30 @@ import (
 // and returns its address.
 func newEchoOrigin(t *testing.T) string {
 	t.Helper()
-	return newTCPOrigin(t, func(c *net.TCPConn) {
-		io.Copy(c, c)
-		c.CloseWrite()
-	})
+	return newTCPOrigin(t, echo)
+}
+
+func echo(c *net.TCPConn) {
+	io.Copy(c, c)
+	c.CloseWrite()
 }
 
 // newTCPOrigin serves each connection with handle on 127.0.0.1 and
 // returns its address; handle's connection is closed after it.
 func newTCPOrigin(t *testing.T, handle func(*net.TCPConn)) string {
 	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	addr, err := serveTCPOrigin(t, "127.0.0.1:0", handle)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return addr
+}
+
+// serveTCPOrigin is newTCPOrigin at addr, which may be taken.
+func serveTCPOrigin(t *testing.T, addr string, handle func(*net.TCPConn)) (string, error) {
+	ln, err := net.Listen("tcp4", addr)
+	if err != nil {
+		return "", err
 	}
 	var wg sync.WaitGroup
 	t.Cleanup(func() {
@@ -59,7 +70,7 @@ func newTCPOrigin(t *testing.T, handle func(*net.TCPConn)) string {
 			}()
 		}
 	}()
-	return ln.Addr().String()
+	return ln.Addr().String(), nil
 }
 
 // originHandler is the HTTP origin: /hello says who asked for what,
@@ -294,20 +305,9 @@ func TestOriginHealthReported(t *testing.T) {
 
 	// The origin comes back on its port: a probe finds it, with no
 	// connection from the edge needed.
-	ln, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", port))
-	if err != nil {
+	if _, err := serveTCPOrigin(t, fmt.Sprintf("127.0.0.1:%d", port), echo); err != nil {
 		t.Skipf("the origin's port was taken meanwhile: %v", err)
 	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
 	originDown(false)
 	if st := a.Stats(); st.OriginDown || st.Accepted != 1 {
 		t.Errorf("stats %+v; want the origin up, with no connection from the edge since", st)
