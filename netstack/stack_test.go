@@ -301,8 +301,14 @@ func TestTCPUnreachableGetsICMP(t *testing.T) {
 					t.Errorf("%s: refusal took %v", dst, time.Since(start))
 				}
 			}
+			// The counter goes up once the write returns, which can be
+			// after the client has read the error.
+			deadline := time.Now().Add(2 * time.Second)
+			for f.s.Stats().ICMPErrorsSent < uint64(len(tc.dsts)) && time.Now().Before(deadline) {
+				time.Sleep(time.Millisecond)
+			}
 			if got := f.s.Stats().ICMPErrorsSent; got < uint64(len(tc.dsts)) {
-				t.Errorf("ICMP errors sent: %d", got)
+				t.Errorf("ICMP errors sent: %d, want %d", got, len(tc.dsts))
 			}
 		})
 	}

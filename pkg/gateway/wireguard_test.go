@@ -333,14 +333,26 @@ func lookup(c *wgClient, network string, server netip.AddrPort) (netip.Addr, err
 // loopback port, and REFUSED to anything else.
 func startDNSServer(t testing.TB) netip.AddrPort {
 	t.Helper()
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := netip.MustParseAddrPort(pc.LocalAddr().String())
-	ln, err := net.Listen("tcp4", addr.String())
-	if err != nil {
-		t.Fatal(err)
+	// UDP and TCP on one port: the UDP port is free, but its TCP twin
+	// may be another socket's ephemeral port, so try a few.
+	var (
+		pc   net.PacketConn
+		ln   net.Listener
+		addr netip.AddrPort
+	)
+	for try := 0; ; try++ {
+		var err error
+		if pc, err = net.ListenPacket("udp4", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+		addr = netip.MustParseAddrPort(pc.LocalAddr().String())
+		if ln, err = net.Listen("tcp4", addr.String()); err == nil {
+			break
+		}
+		pc.Close()
+		if try == 20 {
+			t.Fatal(err)
+		}
 	}
 	t.Cleanup(func() { pc.Close(); ln.Close() })
 	answer := func(q []byte) []byte {
