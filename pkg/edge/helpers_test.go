@@ -228,3 +228,19 @@ func eventually(t *testing.T, what string, cond func() bool) {
 }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+// dialRaw connects to addr for a test that speaks the protocol by hand,
+// with a deadline on the whole connection unless it is 0; the connection
+// is closed when the test ends.
+func dialRaw(t *testing.T, addr net.Addr, deadline time.Duration) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if deadline > 0 {
+		c.SetDeadline(time.Now().Add(deadline))
+	}
+	return c
+}

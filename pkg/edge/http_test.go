@@ -534,12 +534,7 @@ func TestWebSocket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := net.Dial("tcp", e.HTTPAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	conn := dialRaw(t, e.HTTPAddr(), 5 * time.Second)
 	ws, err := websocket.NewClient(cfg, conn)
 	if err != nil {
 		t.Fatalf("handshake through the edge: %v", err)
@@ -692,21 +687,12 @@ func TestMaxConnsHTTP(t *testing.T) {
 	register(t, reg, "app.example.com", p, expose.ProtocolHTTP, nil)
 	e := startEdge(t, Options{Registry: reg, HTTPAddr: "127.0.0.1:0", MaxConns: 1})
 
-	held, err := net.Dial("tcp", e.HTTPAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer held.Close()
+	held := dialRaw(t, e.HTTPAddr(), 0)
 	eventually(t, "the first connection to be counted", func() bool {
 		v, _ := metric(t, e, "sluice_edge_connections_active", map[string]string{"listener": "http"})
 		return v == 1
 	})
-	over, err := net.Dial("tcp", e.HTTPAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer over.Close()
-	over.SetDeadline(time.Now().Add(3 * time.Second))
+	over := dialRaw(t, e.HTTPAddr(), 3 * time.Second)
 	fmt.Fprintf(over, "GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
 	if n, err := over.Read(make([]byte, 1)); err == nil {
 		t.Fatalf("a connection over MaxConns was served (%d bytes)", n)
@@ -854,12 +840,7 @@ func TestCloseEndsUpgradedConnections(t *testing.T) {
 	register(t, reg, "ws.example.com", p, expose.ProtocolHTTP, nil)
 	e := startEdge(t, Options{Registry: reg, HTTPAddr: "127.0.0.1:0"})
 	cfg, _ := websocket.NewConfig("ws://ws.example.com/", "http://ws.example.com/")
-	conn, err := net.Dial("tcp", e.HTTPAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	conn := dialRaw(t, e.HTTPAddr(), 5 * time.Second)
 	ws, err := websocket.NewClient(cfg, conn)
 	if err != nil {
 		t.Fatal(err)
@@ -920,12 +901,7 @@ func TestMalformedRequestBodyIsTheClients(t *testing.T) {
 	register(t, reg, "app.example.com", p, expose.ProtocolHTTP, nil)
 	e := startEdge(t, Options{Registry: reg, HTTPAddr: "127.0.0.1:0"})
 
-	c, err := net.Dial("tcp", e.HTTPAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
+	c := dialRaw(t, e.HTTPAddr(), 5 * time.Second)
 	// A good first chunk, then a chunk size that is not hex.
 	io.WriteString(c, "POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n")
 	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
