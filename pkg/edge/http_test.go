@@ -534,7 +534,7 @@ func TestWebSocket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn := dialRaw(t, e.HTTPAddr(), 5 * time.Second)
+	conn := dialRaw(t, e.HTTPAddr(), 5*time.Second)
 	ws, err := websocket.NewClient(cfg, conn)
 	if err != nil {
 		t.Fatalf("handshake through the edge: %v", err)
@@ -692,7 +692,7 @@ func TestMaxConnsHTTP(t *testing.T) {
 		v, _ := metric(t, e, "sluice_edge_connections_active", map[string]string{"listener": "http"})
 		return v == 1
 	})
-	over := dialRaw(t, e.HTTPAddr(), 3 * time.Second)
+	over := dialRaw(t, e.HTTPAddr(), 3*time.Second)
 	fmt.Fprintf(over, "GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
 	if n, err := over.Read(make([]byte, 1)); err == nil {
 		t.Fatalf("a connection over MaxConns was served (%d bytes)", n)
@@ -840,7 +840,7 @@ func TestCloseEndsUpgradedConnections(t *testing.T) {
 	register(t, reg, "ws.example.com", p, expose.ProtocolHTTP, nil)
 	e := startEdge(t, Options{Registry: reg, HTTPAddr: "127.0.0.1:0"})
 	cfg, _ := websocket.NewConfig("ws://ws.example.com/", "http://ws.example.com/")
-	conn := dialRaw(t, e.HTTPAddr(), 5 * time.Second)
+	conn := dialRaw(t, e.HTTPAddr(), 5*time.Second)
 	ws, err := websocket.NewClient(cfg, conn)
 	if err != nil {
 		t.Fatal(err)
@@ -901,7 +901,7 @@ func TestMalformedRequestBodyIsTheClients(t *testing.T) {
 	register(t, reg, "app.example.com", p, expose.ProtocolHTTP, nil)
 	e := startEdge(t, Options{Registry: reg, HTTPAddr: "127.0.0.1:0"})
 
-	c := dialRaw(t, e.HTTPAddr(), 5 * time.Second)
+	c := dialRaw(t, e.HTTPAddr(), 5*time.Second)
 	// A good first chunk, then a chunk size that is not hex.
 	io.WriteString(c, "POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n")
 	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
