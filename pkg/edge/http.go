@@ -92,7 +92,7 @@ func (e *Edge) serveHTTP(l *listener, w http.ResponseWriter, r *http.Request) {
 
 	pol := e.policy(host)
 	if !pol.admitAddr(client) {
-		e.refuse(rec, r, st, time.Time{}, host, client, reasonIP, http.StatusForbidden, "sluice: your address may not reach "+host+"")
+		e.refuse(rec, r, st, time.Time{}, host, client, reasonIP, http.StatusForbidden, "sluice: your address may not reach "+host)
 		return
 	}
 	if limit := pol.admitRate(client); limit != limitNone {
@@ -102,7 +102,7 @@ func (e *Edge) serveHTTP(l *listener, w http.ResponseWriter, r *http.Request) {
 		}
 		e.warnf("rate:"+which+":"+host, "edge: rate limit reached; refusing requests", zap.String("hostname", host), zap.String("limit", which))
 		rec.Header().Set("Retry-After", strconv.Itoa(pol.retryAfter(limit)))
-		e.refuse(rec, r, st, time.Time{}, host, client, reasonRate, http.StatusTooManyRequests, "sluice: too many requests for "+host+"")
+		e.refuse(rec, r, st, time.Time{}, host, client, reasonRate, http.StatusTooManyRequests, "sluice: too many requests for "+host)
 		return
 	}
 	if !pol.admitPath(r.URL.Path) {

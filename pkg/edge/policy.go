@@ -63,8 +63,8 @@ type Policy struct {
 	// ProxyProtocol makes TCP routes send a PROXY protocol v2 header (the
 	// client's address and the edge's) to the origin before the client's
 	// first byte, or a LOCAL header when those addresses are not known,
-	// so that the origin always finds a header. HTTP requests carry the client's address in
-	// X-Forwarded-For and Forwarded instead.
+	// so that the origin always finds a header. HTTP requests carry the
+	// client's address in X-Forwarded-For and Forwarded instead.
 	ProxyProtocol bool
 }
 
