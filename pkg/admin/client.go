@@ -15,21 +15,23 @@ import (
 
 // Client talks to a running gateway's control API.
 type Client struct {
-	http *http.Client
-	base string
+	http  *http.Client
+	base  string
+	token string
 }
 
 // NewUnixClient returns a client for the control socket at path.
 func NewUnixClient(path string) *Client {
-	return newClient("unix", path)
+	return newClient("unix", path, "http://"+UnixHost, "")
 }
 
-// NewTCPClient returns a client for the API at a TCP address (HOST:PORT).
-func NewTCPClient(addr string) *Client {
-	return newClient("tcp", addr)
+// NewTCPClient returns a client for the API at a TCP address (HOST:PORT),
+// which needs the gateway's bearer token (LoadOrCreateToken).
+func NewTCPClient(addr, token string) *Client {
+	return newClient("tcp", addr, "http://"+addr, token)
 }
 
-func newClient(network, addr string) *Client {
+func newClient(network, addr, base, token string) *Client {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
@@ -38,11 +40,30 @@ func newClient(network, addr string) *Client {
 	}
 	// No overall timeout: the event stream lasts as long as the caller
 	// wants; every call has its context.
-	return &Client{http: &http.Client{Transport: tr}, base: "http://sluice"}
+	return &Client{http: &http.Client{Transport: tr}, base: base, token: token}
+}
+
+// newRequest is a request to the API with what Guard asks for: the
+// token, and a JSON content type on whatever changes state, body or not.
+func (c *Client) newRequest(ctx context.Context, method, path string, body io.Reader) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return nil, err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	if changesState(method) {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	return req, nil
 }
 
 // ErrNotRunning means nothing answers on the control socket.
 var ErrNotRunning = errors.New("admin: no gateway is running there")
+
+// ErrUnauthorized means the gateway wants its token (TCP only).
+var ErrUnauthorized = errors.New("admin: unauthorized")
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
@@ -53,7 +74,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		}
 		body = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	req, err := c.newRequest(ctx, method, path, body)
 	if err != nil {
 		return err
 	}
@@ -77,6 +98,8 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 			cls = ErrConflict
 		case http.StatusBadRequest:
 			cls = ErrInvalid
+		case http.StatusUnauthorized:
+			cls = ErrUnauthorized
 		}
 		// The server's message already starts with its class.
 		return fmt.Errorf("%w: %s", cls, strings.TrimPrefix(e.Error, cls.Error()+": "))
@@ -169,7 +192,7 @@ func (c *Client) DeleteFlows(ctx context.Context, f FlowFilter, all bool) (int, 
 // Events streams the flow events that pass f until ctx is done or the
 // gateway goes away; the channel is closed then.
 func (c *Client) Events(ctx context.Context, f FlowFilter) (<-chan FlowEvent, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/v1/events?"+f.Values().Encode(), nil)
+	req, err := c.newRequest(ctx, http.MethodGet, "/v1/events?"+f.Values().Encode(), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -209,7 +232,7 @@ func (c *Client) Events(ctx context.Context, f FlowFilter) (<-chan FlowEvent, er
 
 // Config returns the running configuration, as YAML.
 func (c *Client) Config(ctx context.Context) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/v1/config", nil)
+	req, err := c.newRequest(ctx, http.MethodGet, "/v1/config", nil)
 	if err != nil {
 		return nil, err
 	}
@@ -218,6 +241,11 @@ func (c *Client) Config(ctx context.Context) ([]byte, error) {
 		return nil, err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e errorBody
+		json.NewDecoder(io.LimitReader(resp.Body, 1<<16)).Decode(&e)
+		return nil, fmt.Errorf("admin: config: %s: %s", resp.Status, e.Error)
+	}
 	return io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 }
 

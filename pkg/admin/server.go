@@ -63,7 +63,7 @@ func NewHandler(o Options) http.Handler {
 		io.WriteString(w, "ready\n")
 	})
 	// Profiles are for whoever may already steer the gateway: the admin
-	// API is on loopback or a 0600 socket.
+	// API is on a 0600 socket, or behind a token on TCP (see Guard).
 	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
 	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
@@ -230,7 +230,10 @@ func reply(w http.ResponseWriter, v any, err error) {
 	w.Header().Set("Content-Type", "application/json")
 	if err != nil {
 		code := http.StatusInternalServerError
+		var se *statusError
 		switch {
+		case errors.As(err, &se):
+			code = se.code
 		case errors.Is(err, ErrNotFound):
 			code = http.StatusNotFound
 		case errors.Is(err, ErrConflict):
@@ -268,8 +271,8 @@ func ListenUnix(path string) (net.Listener, error) {
 }
 
 // ListenTCP listens on a TCP address for the API. Only loopback
-// addresses are accepted unless insecure is set: the API has no
-// authentication of its own.
+// addresses are accepted unless insecure is set: the API's only
+// credential there is a bearer token (see Guard), sent in the clear.
 func ListenTCP(addr string, insecure bool) (net.Listener, error) {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
@@ -280,7 +283,7 @@ func ListenTCP(addr string, insecure bool) (net.Listener, error) {
 		return nil, fmt.Errorf("admin: %q: the host must be an IP address", addr)
 	}
 	if !ip.IsLoopback() && !insecure {
-		return nil, fmt.Errorf("admin: %s is not a loopback address; the API has no authentication (allow it explicitly to listen there anyway)", addr)
+		return nil, fmt.Errorf("admin: %s is not a loopback address; the API would be reachable, in plain text, by others (allow it explicitly to listen there anyway)", addr)
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {

@@ -58,7 +58,7 @@ func startRunning(t testing.TB, mod func(*Options)) *running {
 	return &running{
 		svc: svc, dir: dir,
 		unix:   admin.NewUnixClient(dir + "/" + SocketName),
-		tcp:    admin.NewTCPClient(opts.Admin),
+		tcp:    admin.NewTCPClient(opts.Admin, readToken(t, svc)),
 		tcpURL: "http://" + opts.Admin,
 		client: connect(t, np.Config),
 	}
@@ -181,7 +181,7 @@ func TestAdminAPIMetrics(t *testing.T) {
 		dcancel()
 	}
 
-	resp, err := http.Get(r.tcpURL + "/metrics")
+	resp, err := getWithToken(r.tcpURL+"/metrics", readToken(t, r.svc))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"path/filepath"
 	"sync"
@@ -74,7 +75,9 @@ type Options struct {
 	// used as given.
 	Gateway gateway.Options
 	// Admin is a TCP address for the admin API besides the control socket;
-	// it must be a loopback address unless AdminInsecure is set.
+	// it must be a loopback address unless AdminInsecure is set. Requests
+	// there need the bearer token that the service keeps in the state
+	// directory (TokenPath), made on the first start with Admin set.
 	Admin         string
 	AdminInsecure bool
 	// ShutdownGrace is how long Run lets open flows drain once its
@@ -107,7 +110,8 @@ type Service struct {
 	configYAML []byte
 	reloadMu   sync.Mutex
 
-	first *NewPeer
+	first      *NewPeer
+	adminToken string // for Options.Admin; "" without it
 
 	registry *registry.Registry // nil without an edge
 	edge     *edge.Edge         // set under mu, once started
@@ -179,6 +183,14 @@ func open(ctx context.Context, opts Options) (*Service, error) {
 	}
 	if err != nil {
 		return nil, fmt.Errorf("service: state directory %s is in use: %w", s.store.Dir(), err)
+	}
+	if opts.Admin != "" {
+		// Made here rather than in Run, so that the file is there for
+		// clients by the time New returns.
+		if s.adminToken, err = admin.LoadOrCreateToken(s.TokenPath()); err != nil {
+			s.unlock()
+			return nil, fmt.Errorf("service: %w", err)
+		}
 	}
 	return s, nil
 }
@@ -310,20 +322,22 @@ func (s *Service) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The socket is 0600: being able to open it is the credential.
 	lns := []net.Listener{ln}
+	hs := []http.Handler{admin.Guard(h, admin.GuardOptions{Hosts: []string{admin.UnixHost}})}
 	if s.opts.Admin != "" {
-		tl, err := admin.ListenTCP(s.opts.Admin, s.opts.AdminInsecure)
+		tl, th, err := s.listenAdminTCP(h)
 		if err != nil {
 			ln.Close()
 			return err
 		}
-		lns = append(lns, tl)
+		lns, hs = append(lns, tl), append(hs, th)
 	}
 	apiCtx, stopAPI := context.WithCancel(context.Background())
 	errc := make(chan error, len(lns))
-	for _, l := range lns {
+	for i, l := range lns {
 		s.log.Info("admin API", zap.String("addr", l.Addr().String()))
-		go func() { errc <- admin.Serve(apiCtx, l, h, s.log.Named("admin")) }()
+		go func() { errc <- admin.Serve(apiCtx, l, hs[i], s.log.Named("admin")) }()
 	}
 
 	<-ctx.Done()
@@ -346,6 +360,28 @@ func (s *Service) Run(ctx context.Context) error {
 		errs = append(errs, <-errc)
 	}
 	return errors.Join(errs...)
+}
+
+// TokenPath is where the admin API's bearer token is kept, once a
+// service with Options.Admin has been made.
+func (s *Service) TokenPath() string { return filepath.Join(s.store.Dir(), admin.TokenName) }
+
+// listenAdminTCP listens on Options.Admin, behind the token in the state
+// directory. Any local user can connect to a loopback port, so, unlike
+// the socket, the listener is no credential; the token file is 0600 in a
+// 0700 directory, as the socket is, so it asks exactly as much as the
+// socket does. The token stays the same across restarts, so scripts and
+// Prometheus keep working.
+func (s *Service) listenAdminTCP(h http.Handler) (net.Listener, http.Handler, error) {
+	ln, err := admin.ListenTCP(s.opts.Admin, s.opts.AdminInsecure)
+	if err != nil {
+		return nil, nil, err
+	}
+	var hosts []string
+	if ap, err := netip.ParseAddrPort(ln.Addr().String()); err == nil {
+		hosts = append(hosts, ap.Addr().String())
+	}
+	return ln, admin.Guard(h, admin.GuardOptions{Token: s.adminToken, Hosts: hosts}), nil
 }
 
 func (s *Service) metrics() *prometheus.Registry {

@@ -79,7 +79,7 @@ func startTUN(t *testing.T, mod func(*Options)) *tunRunning {
 	r := &tunRunning{
 		svc: svc, dir: dir,
 		unix:   admin.NewUnixClient(filepath.Join(dir, SocketName)),
-		tcp:    admin.NewTCPClient(opts.Admin),
+		tcp:    admin.NewTCPClient(opts.Admin, readToken(t, svc)),
 		tcpURL: "http://" + opts.Admin,
 		client: client,
 		cancel: cancel,
@@ -209,7 +209,7 @@ func TestTUNModeMetricsAndHealth(t *testing.T) {
 	}
 	dcancel()
 
-	value := scrape(t, r.tcpURL+"/metrics")
+	value := scrape(t, r.tcpURL+"/metrics", readToken(t, r.svc))
 	if v := value("sluice_flows_created_total", nil); v < 1 {
 		t.Errorf("sluice_flows_created_total %v, want at least 1", v)
 	}
@@ -232,9 +232,9 @@ func TestTUNModeMetricsAndHealth(t *testing.T) {
 
 // scrape reads the metrics at url and returns a function that gives the
 // value of the first sample of a metric whose labels include labels.
-func scrape(t *testing.T, url string) (value func(name string, labels map[string]string) float64) {
+func scrape(t *testing.T, url, token string) (value func(name string, labels map[string]string) float64) {
 	t.Helper()
-	resp, err := http.Get(url)
+	resp, err := getWithToken(url, token)
 	if err != nil {
 		t.Fatal(err)
 	}
