@@ -33,3 +33,5 @@ require (
 	google.golang.org/protobuf v1.36.12 // indirect
 	rsc.io/qr v0.2.0 // indirect
 )
+
+replace gvisor.dev/gvisor => ./third_party/gvisor
