@@ -32,9 +32,18 @@ type Options struct {
 	// MTU of the tunnel side, in bytes [1420, WireGuard's].
 	MTU int
 
-	// MaxInFlight bounds the TCP handshakes waiting on Handler.DialTCP
-	// [1024]. Further SYNs are dropped (the client retransmits) and counted.
+	// MaxInFlight bounds the TCP handshakes in flight, from the client's
+	// SYN until its connection is relayed or refused [1024]. Further SYNs
+	// are dropped (the client retransmits), counted and logged. It backs
+	// up the share of each client, which a Handler that is a
+	// HandshakeAdmitter enforces.
 	MaxInFlight int
+
+	// HandshakeTimeout bounds how long the stack waits for a client to
+	// answer its SYN-ACK once the destination is connected [10s]; then the
+	// handshake and the destination's connection are dropped. gVisor's
+	// SYN-ACK retransmissions (after 1, 3 and 7 s) fit within the default.
+	HandshakeTimeout time.Duration
 
 	// BatchSize is the most packets one Read returns [128].
 	BatchSize int
@@ -91,6 +100,12 @@ func (o *Options) setDefaults() error {
 	}
 	if o.MaxInFlight < 0 {
 		return fmt.Errorf("netstack: Options.MaxInFlight: %d is negative", o.MaxInFlight)
+	}
+	if o.HandshakeTimeout == 0 {
+		o.HandshakeTimeout = 10 * time.Second
+	}
+	if o.HandshakeTimeout < 0 {
+		return fmt.Errorf("netstack: Options.HandshakeTimeout: %v is negative", o.HandshakeTimeout)
 	}
 	if o.BatchSize == 0 {
 		o.BatchSize = 128
@@ -311,8 +326,15 @@ func (s *Stack) Events() <-chan tun.Event { return s.events }
 // BatchSize implements tun.Device.
 func (s *Stack) BatchSize() int { return s.opts.BatchSize }
 
+// closeWaitLimit bounds how long Close waits for the forwarder's
+// handshakes and relays, all of which it has aborted: only one stuck in a
+// Handler's DialTCP that ignores its context, say, is still running then.
+const closeWaitLimit = 5 * time.Second
+
 // Close implements tun.Device: it refuses new packets, tears down every
-// relayed connection and waits for the stack's goroutines.
+// relayed connection and every handshake in progress, and waits for the
+// stack's goroutines. It returns within a few seconds whatever state the
+// flows were in.
 func (s *Stack) Close() error {
 	s.closeOnce.Do(func() {
 		s.cancel()
@@ -321,8 +343,22 @@ func (s *Stack) Close() error {
 		// Closing the stack ends the handshakes that wait for a client's
 		// ACK; only then can the forwarder's goroutines be waited for.
 		s.stack.Close()
-		s.tcp.wait()
-		s.stack.Wait()
+		waited := make(chan struct{})
+		go func() {
+			s.tcp.wg.Wait()
+			s.stack.Wait()
+			close(waited)
+		}()
+		t := time.NewTimer(closeWaitLimit)
+		defer t.Stop()
+		select {
+		case <-waited:
+		case <-t.C:
+			var st Stats
+			s.tcp.stats(&st)
+			s.log.Warn("closed without waiting for the last TCP handshakes and relays",
+				zap.Int("in_flight", st.InFlight), zap.Int("relays", st.TCPRelays))
+		}
 		close(s.events)
 	})
 	return nil
@@ -337,13 +373,19 @@ type Stats struct {
 	Malformed uint64
 	// Unsupported counts well-formed packets the stack does not carry, such
 	// as fragmented IPv6 echo requests.
-	Unsupported    uint64
-	QueueDrops     uint64 // packets toward clients dropped on a full queue
-	InFlight       int    // TCP handshakes waiting on the handler
-	InFlightDrops  uint64 // SYNs dropped because MaxInFlight was reached
-	TCPRelays      int    // TCP connections being relayed
-	Refused        uint64 // flows or datagrams refused by the handler
-	ICMPErrorsSent uint64
+	Unsupported   uint64
+	QueueDrops    uint64 // packets toward clients dropped on a full queue
+	InFlight      int    // TCP handshakes in flight, from SYN to relay or refusal
+	InFlightDrops uint64 // SYNs dropped because MaxInFlight was reached
+	// InFlightRefused counts SYNs refused because their client had its
+	// share of handshakes in flight (HandshakeAdmitter).
+	InFlightRefused uint64
+	// HandshakeTimeouts counts handshakes dropped because the client did
+	// not answer the SYN-ACK within HandshakeTimeout.
+	HandshakeTimeouts uint64
+	TCPRelays         int    // TCP connections being relayed
+	Refused           uint64 // flows or datagrams refused by the handler
+	ICMPErrorsSent    uint64
 	// Retransmits counts TCP segments the stack sent to clients again;
 	// Timeouts counts the retransmission timeouts among them.
 	Retransmits, Timeouts uint64
