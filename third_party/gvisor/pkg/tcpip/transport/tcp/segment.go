@@ -158,6 +158,9 @@ func (s *segment) clone() *segment {
 	t.rcvdTime = s.rcvdTime
 	t.xmitTime = s.xmitTime
 	t.xmitCount = s.xmitCount
+	// sluice: the halves of a split segment keep its SACK and RACK marks.
+	t.acked = s.acked
+	t.lost = s.lost
 	t.ep = s.ep
 	t.qFlags = s.qFlags
 	t.dataMemSize = s.dataMemSize

@@ -707,6 +707,37 @@ func (s *sender) splitSeg(seg *segment, size int) {
 	seg.pkt.Data().CapLength(size)
 }
 
+// splitAtSACK splits the sent segments that the edges of a SACK block fall
+// inside, so that every segment is either wholly SACKed or not at all, as
+// Linux splits its skbs (tcp_sacktag_walk). RACK, the reordering check and
+// the pipe estimate all work a segment at a time: without the split, a GSO
+// segment of which only the last packets arrived is neither SACKed nor ever
+// marked lost, and a burst loss inside one GSO send waits for the RTO.
+//
+// sluice: not in upstream gVisor.
+//
+// +checklocks:s.ep.mu
+func (s *sender) splitAtSACK(sb header.SACKBlock) {
+	for seg := s.writeList.Front(); seg != nil && s.isAssignedSequenceNumber(seg) && seg.sequenceNumber.LessThan(sb.End); seg = seg.Next() {
+		size := seg.payloadSize()
+		if size == 0 || !seg.sequenceNumber.LessThan(s.SndNxt) {
+			return
+		}
+		end := seg.sequenceNumber.Add(seqnum.Size(size))
+		switch {
+		case end.LessThanEq(sb.Start):
+			// Wholly below the block.
+		case seg.sequenceNumber.LessThan(sb.Start):
+			// The block starts inside: the next turn sees the part
+			// from sb.Start on.
+			s.splitSeg(seg, int(seg.sequenceNumber.Size(sb.Start)))
+		case sb.End.LessThan(end):
+			s.splitSeg(seg, int(seg.sequenceNumber.Size(sb.End)))
+			return
+		}
+	}
+}
+
 // NextSeg implements the RFC6675 NextSeg() operation.
 //
 // NextSeg starts scanning the writeList starting from nextSegHint and returns
@@ -1225,7 +1256,12 @@ func (s *sender) SetPipe() {
 			// NOTE: here we mark the whole segment as lost. We do not try
 			// and test every byte in our write buffer as we maintain our
 			// pipe in terms of outstanding packets and not bytes.
-			if !s.ep.scoreboard.IsRangeLost(sb) {
+			// sluice: a segment RACK has marked lost and that has not
+			// been sent again since is not in flight either, as in
+			// Linux's tcp_packets_in_flight; without this, a loss
+			// that RACK saw but the three-SACK rule did not keeps
+			// the pipe full and recovery waits for the RTO.
+			if !s1.lost && !s.ep.scoreboard.IsRangeLost(sb) {
 				pipe++
 			}
 			// SetPipe():
@@ -1553,6 +1589,7 @@ func (s *sender) handleRcvdSegment(rcvdSeg *segment) {
 			// indicate spurious retransmissions.
 			if rcvdSeg.ackNumber.LessThan(sb.Start) && s.SndUna.LessThan(sb.Start) && sb.End.LessThanEq(s.SndNxt) && !s.ep.scoreboard.IsSACKED(sb) {
 				s.ep.scoreboard.Insert(sb)
+				s.splitAtSACK(sb)
 				rcvdSeg.hasNewSACKInfo = true
 			}
 		}
