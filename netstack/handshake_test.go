@@ -2,9 +2,13 @@ package netstack
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -12,6 +16,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/sluice-vpn/sluice/netstack/netstacktest"
 )
 
 // rawSYN builds a TCP SYN (with checksums) from src to dst, as a client
@@ -169,4 +175,162 @@ func TestSYNWhileRefusingIsNotLost(t *testing.T) {
 	waitInFlight(t, s, 3*time.Second)
 	closeWithin(t, s, 5*time.Second)
 	waitDrain()
+}
+
+// sharingHandler dials like dialHandler and gives each client address a
+// share of the handshakes in flight.
+type sharingHandler struct {
+	*dialHandler
+	share int
+
+	mu       sync.Mutex
+	inFlight map[netip.Addr]int
+	refused  atomic.Int64
+}
+
+func (h *sharingHandler) AdmitHandshake(src netip.AddrPort) (func(), error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.inFlight[src.Addr()] >= h.share {
+		h.refused.Add(1)
+		return nil, Refuse(RefuseReset, errors.New("over its share"))
+	}
+	h.inFlight[src.Addr()]++
+	return sync.OnceFunc(func() {
+		h.mu.Lock()
+		h.inFlight[src.Addr()]--
+		h.mu.Unlock()
+	}), nil
+}
+
+// acceptAll accepts connections on loopback and keeps them, reporting
+// each one's end on ended; it echoes what it reads.
+func acceptAll(t *testing.T) (addr netip.AddrPort, accepted *atomic.Int64, ended chan struct{}) {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	accepted = new(atomic.Int64)
+	ended = make(chan struct{}, 4096)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			go func() {
+				io.Copy(c, c)
+				c.Close()
+				ended <- struct{}{}
+			}()
+		}
+	}()
+	return netip.MustParseAddrPort(ln.Addr().String()), accepted, ended
+}
+
+// TestHalfOpenFloodLeavesOtherClientsServed floods half-open handshakes
+// from one client (SYNs whose SYN-ACKs nobody answers) to a destination
+// that accepts them all: with a share per client, another client's
+// connections keep working, the flood's extra SYNs are refused, and
+// Close ends the flood's handshakes at once.
+func TestHalfOpenFloodLeavesOtherClientsServed(t *testing.T) {
+	dh := &dialHandler{udp: map[netip.AddrPort]*net.UDPConn{}, echoFor: map[netip.Addr]bool{}}
+	h := &sharingHandler{dialHandler: dh, share: 8, inFlight: map[netip.Addr]int{}}
+	s, err := New(Options{Handler: h, MaxInFlight: 64, HandshakeTimeout: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dh.s = s
+	client, err := netstacktest.NewClient([]netip.Addr{clientV4}, 1420)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wait := netstacktest.Join(s, client)
+	defer func() {
+		client.Close()
+		closeWithin(t, s, 5*time.Second)
+		wait()
+		dh.close()
+	}()
+	dst, accepted, _ := acceptAll(t)
+
+	flooder := netip.MustParseAddr("100.96.0.9")
+	for p := range 1000 {
+		s.Write([][]byte{rawSYN(netip.AddrPortFrom(flooder, uint16(10000+p)), dst, 1)}, 0)
+	}
+	// The flood's share is taken: its handshakes wait for ACKs that
+	// never come, each with a connection to the destination.
+	deadline := time.Now().Add(5 * time.Second)
+	for accepted.Load() < int64(h.share) && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := accepted.Load(); got != int64(h.share) {
+		t.Fatalf("the flood got %d connections to the destination; want its share, %d", got, h.share)
+	}
+
+	const n = 100
+	ok := 0
+	for i := range n {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		c, err := client.DialContext(ctx, "tcp", dst.String())
+		cancel()
+		if err != nil {
+			t.Logf("connection %d: %v", i, err)
+			continue
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		msg := fmt.Sprintf("request %d\n", i)
+		buf := make([]byte, len(msg))
+		if _, err := c.Write([]byte(msg)); err == nil {
+			if _, err := io.ReadFull(c, buf); err == nil && string(buf) == msg {
+				ok++
+			}
+		}
+		c.Close()
+	}
+	if ok < n*99/100 {
+		t.Fatalf("%d of %d connections of the other client worked during the flood", ok, n)
+	}
+	st := s.Stats()
+	if st.InFlightRefused < 1000-uint64(h.share) {
+		t.Errorf("%d of the flood's SYNs refused; want %d", st.InFlightRefused, 1000-h.share)
+	}
+	if st.InFlightDrops != 0 {
+		t.Errorf("%d SYNs dropped at the global bound", st.InFlightDrops)
+	}
+	if st.InFlight != h.share {
+		t.Errorf("%d handshakes in flight; want the flood's %d", st.InFlight, h.share)
+	}
+}
+
+// TestUnansweredHandshakeTimesOut: a client that never answers the
+// SYN-ACK loses its handshake after HandshakeTimeout, and the
+// destination's connection is closed with it.
+func TestUnansweredHandshakeTimesOut(t *testing.T) {
+	dh := &dialHandler{udp: map[netip.AddrPort]*net.UDPConn{}, echoFor: map[netip.Addr]bool{}}
+	s, err := New(Options{Handler: dh, HandshakeTimeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dh.s = s
+	waitDrain := drain(s)
+	defer func() {
+		closeWithin(t, s, 5*time.Second)
+		waitDrain()
+		dh.close()
+	}()
+	dst, accepted, ended := acceptAll(t)
+	s.Write([][]byte{rawSYN(netip.AddrPortFrom(clientV4, 5555), dst, 1)}, 0)
+	select {
+	case <-ended:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the destination's connection (%d accepted) is still open 10 s after an unanswered SYN-ACK", accepted.Load())
+	}
+	waitInFlight(t, s, 2*time.Second)
+	if n := s.Stats().HandshakeTimeouts; n != 1 {
+		t.Errorf("%d handshake timeouts counted; want 1", n)
+	}
 }
