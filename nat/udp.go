@@ -62,6 +62,13 @@ type UDPOptions struct {
 	// mapping's reader goroutine; payload is valid only during the call.
 	// Required.
 	Deliver func(src, dst netip.AddrPort, payload []byte)
+	// DeliverError, if set, hears of the ICMP errors that come back for a
+	// client's datagrams (a closed port, an unreachable host, a TTL that
+	// ran out on the way): remote and client are the flow's, as for
+	// Deliver, and payload is as much of the datagram as came back with
+	// the error, valid only during the call. It is called from the
+	// mapping's reader goroutine, only for live flows. Nil drops them.
+	DeliverError func(remote, client netip.AddrPort, payload []byte, e UDPError)
 	// MaxDatagram is the largest datagram read from a remote [65535]. Each
 	// mapping holds a buffer this large; larger datagrams are dropped and
 	// counted in UDPStats.Truncated.
@@ -75,6 +82,28 @@ type UDPOptions struct {
 	Logger *zap.Logger
 }
 
+// UDPError is an ICMP error that came back for a datagram a client sent.
+type UDPError struct {
+	// Err is the error the kernel made of it: syscall.ECONNREFUSED for
+	// a closed port, syscall.EHOSTUNREACH, syscall.ENETUNREACH, ...
+	Err error
+	// From sent the ICMP error: the destination itself, or a router on
+	// the way.
+	From netip.Addr
+	// TimeExceeded is set when the datagram's TTL (hop limit) ran out at
+	// From.
+	TimeExceeded bool
+}
+
+func (e UDPError) Error() string {
+	if e.TimeExceeded {
+		return "time exceeded at " + e.From.String()
+	}
+	return fmt.Sprintf("%v (from %s)", e.Err, e.From)
+}
+
+func (e UDPError) Unwrap() error { return e.Err }
+
 // UDPStats are cumulative counters of a UDP mapper.
 type UDPStats struct {
 	Mappings  int    // mappings open now
@@ -86,6 +115,9 @@ type UDPStats struct {
 	Coalesced uint64
 	// SendErrors counts SendLater's sends that the socket refused.
 	SendErrors uint64
+	// ICMPErrors counts the ICMP errors that came back for clients'
+	// datagrams on live flows.
+	ICMPErrors uint64
 }
 
 // UDPMapper carries clients' UDP datagrams out through egress sockets and the
@@ -99,13 +131,14 @@ type UDPStats struct {
 // destination out of the mapping, and a mapping closes its socket and stops
 // its reader when its last flow ends.
 type UDPMapper struct {
-	listener  UDPListener
-	table     *Table
-	filtering Filtering
-	deliver   func(src, dst netip.AddrPort, payload []byte)
-	admit     func(peer string, client netip.AddrPort) (release func(), err error)
-	maxDgram  int
-	log       *zap.Logger
+	listener   UDPListener
+	table      *Table
+	filtering  Filtering
+	deliver    func(src, dst netip.AddrPort, payload []byte)
+	deliverErr func(remote, client netip.AddrPort, payload []byte, e UDPError)
+	admit      func(peer string, client netip.AddrPort) (release func(), err error)
+	maxDgram   int
+	log        *zap.Logger
 
 	ctx    context.Context // cancelled by Close, to abandon ListenUDP calls
 	cancel context.CancelFunc
@@ -121,6 +154,7 @@ type UDPMapper struct {
 
 	nmaps                                atomic.Int64
 	opened, filtered, refused, truncated atomic.Uint64
+	icmpErrors                           atomic.Uint64
 
 	// Mappings with datagrams that SendLater holds, until Flush.
 	pmu     sync.Mutex
@@ -193,13 +227,14 @@ func NewUDP(opts UDPOptions) (*UDPMapper, error) {
 		opts.Logger = zap.NewNop()
 	}
 	u := &UDPMapper{
-		listener:  opts.Listener,
-		table:     opts.Table,
-		filtering: opts.Filtering,
-		deliver:   opts.Deliver,
-		admit:     opts.Admit,
-		maxDgram:  opts.MaxDatagram,
-		log:       opts.Logger.Named("udp"),
+		listener:   opts.Listener,
+		table:      opts.Table,
+		filtering:  opts.Filtering,
+		deliver:    opts.Deliver,
+		deliverErr: opts.DeliverError,
+		admit:      opts.Admit,
+		maxDgram:   opts.MaxDatagram,
+		log:        opts.Logger.Named("udp"),
 	}
 	u.ctx, u.cancel = context.WithCancel(context.Background())
 	return u, nil
@@ -234,7 +269,7 @@ func (u *UDPMapper) Send(peer string, src, dst netip.AddrPort, payload []byte) e
 		// Counted as seen, like conntrack does, before it leaves: the
 		// reply can come back before the write returns.
 		f.CountOrig(len(payload), 1)
-		if _, err := m.conn.WriteToUDPAddrPort(payload, dst); err != nil {
+		if err := m.write(payload, dst); err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				// The flow expired after flowTo and took the socket
 				// with it.
@@ -248,6 +283,18 @@ func (u *UDPMapper) Send(peer string, src, dst netip.AddrPort, payload []byte) e
 		}
 		return nil
 	}
+}
+
+// write sends one datagram to dst. A send can fail with the error an
+// ICMP message left for an earlier datagram (to any destination): the
+// reader reports that one from the error queue, and this datagram is
+// sent again.
+func (m *udpMapping) write(payload []byte, dst netip.AddrPort) error {
+	_, err := m.conn.WriteToUDPAddrPort(payload, dst)
+	if err != nil && asyncSendError(err) {
+		_, err = m.conn.WriteToUDPAddrPort(payload, dst)
+	}
+	return err
 }
 
 // mapping returns src's mapping, opening it if there is none.
@@ -300,6 +347,9 @@ func (u *UDPMapper) open(m *udpMapping, dst netip.AddrPort) error {
 	m.conn = conn
 	if la, ok := conn.LocalAddr().(*net.UDPAddr); ok {
 		m.egress = la.AddrPort()
+	}
+	if err := enableRecvErr(conn, !dst.Addr().Is4()); err != nil {
+		u.log.Debug("no ICMP errors on egress socket", zap.Stringer("egress", m.egress), zap.Error(err))
 	}
 	u.nmaps.Add(1)
 	u.opened.Add(1)
@@ -407,18 +457,28 @@ func (m *udpMapping) read() {
 	// One byte more than the largest datagram accepted, to tell a datagram
 	// that fits from one that was cut.
 	buf := make([]byte, m.u.maxDgram+1)
+	rc, err := m.conn.SyscallConn()
+	if err != nil {
+		m.u.log.Warn("egress socket unusable; closing mapping",
+			zap.Stringer("client", m.client), zap.Stringer("egress", m.egress), zap.Error(err))
+		m.shutdown(ReasonReset)
+		return
+	}
 	for {
-		n, from, err := m.conn.ReadFromUDPAddrPort(buf)
+		n, from, err := readFrom(rc, buf, m.icmpError)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			// An unconnected socket reports nothing transient on Linux; an
-			// error here means the socket is unusable.
+			// The errors ICMP causes come from the error queue; an error
+			// here means the socket is unusable.
 			m.u.log.Warn("reading egress socket failed; closing mapping",
 				zap.Stringer("client", m.client), zap.Stringer("egress", m.egress), zap.Error(err))
 			m.shutdown(ReasonReset)
 			return
+		}
+		if n < 0 {
+			continue // only errors, handled
 		}
 		if n > m.u.maxDgram {
 			m.u.truncated.Add(1)
@@ -431,6 +491,22 @@ func (m *udpMapping) read() {
 		}
 		f.CountReply(n, 1)
 		m.u.deliver(remote, m.client, buf[:n])
+	}
+}
+
+// icmpError passes on an ICMP error for a datagram of a live flow.
+func (m *udpMapping) icmpError(qe queuedError) {
+	remote := sameFamily(qe.dst, m.client.Addr())
+	m.mu.Lock()
+	d := m.dests[remote]
+	m.mu.Unlock()
+	if d == nil {
+		return
+	}
+	m.u.icmpErrors.Add(1)
+	if m.u.deliverErr != nil {
+		qe.err.From = sameFamily(netip.AddrPortFrom(qe.err.From, 0), m.client.Addr()).Addr()
+		m.u.deliverErr(remote, m.client, qe.payload, qe.err)
 	}
 }
 
@@ -480,6 +556,7 @@ func (u *UDPMapper) Stats() UDPStats {
 		Truncated:  u.truncated.Load(),
 		Coalesced:  u.coalesced.Load(),
 		SendErrors: u.sendErrors.Load(),
+		ICMPErrors: u.icmpErrors.Load(),
 	}
 }
 

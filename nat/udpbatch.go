@@ -174,6 +174,10 @@ func (m *udpMapping) flushLocked() {
 		err = m.sendEach(buf, b.seg, b.dst)
 	} else {
 		_, _, err = m.conn.WriteMsgUDPAddrPort(buf, udpSegment(b.seg), b.dst)
+		if err != nil && asyncSendError(err) {
+			// An earlier datagram's ICMP error, as in write.
+			_, _, err = m.conn.WriteMsgUDPAddrPort(buf, udpSegment(b.seg), b.dst)
+		}
 		switch {
 		case err == nil:
 			u.coalesced.Add(uint64(b.n))
@@ -215,7 +219,7 @@ func (m *udpMapping) sendEach(buf []byte, seg int, dst netip.AddrPort) error {
 	var first error
 	for len(buf) > 0 {
 		n := min(seg, len(buf))
-		if _, err := m.conn.WriteToUDPAddrPort(buf[:n], dst); err != nil && first == nil {
+		if err := m.write(buf[:n], dst); err != nil && first == nil {
 			first = err
 		}
 		buf = buf[n:]

@@ -1,0 +1,193 @@
+package nat
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// enableRecvErr asks the kernel to queue the ICMP errors that come back
+// for what conn sends. Without it an unconnected UDP socket drops them,
+// and the client, whose datagram met a closed port, would hear nothing.
+func enableRecvErr(conn *net.UDPConn, v6 bool) error {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		if v6 {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVERR, 1)
+			// A dual-stack socket reports IPv4 errors through IP_RECVERR.
+			_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVERR, 1)
+			return
+		}
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVERR, 1)
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
+// queuedError is one ICMP error from a socket's error queue.
+type queuedError struct {
+	dst     netip.AddrPort // where the datagram that caused it was going
+	payload []byte         // as much of that datagram's payload as came back
+	err     UDPError
+}
+
+// readFrom reads one datagram into buf, draining the socket's error
+// queue into errs whenever there is no datagram to read: a socket that
+// queues errors becomes readable for them, but an ordinary read does not
+// return them (and with epoll's edge triggering they would never wake it
+// again). errs' payloads are copied.
+func readFrom(rc syscall.RawConn, buf []byte, errs func(queuedError)) (int, netip.AddrPort, error) {
+	var (
+		n    int
+		from netip.AddrPort
+		rerr error
+	)
+	var oob [512]byte
+	err := rc.Read(func(fd uintptr) bool {
+		var sa unix.Sockaddr
+		n, sa, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
+		if rerr == nil {
+			from = sockaddrAddrPort(sa)
+			return true
+		}
+		if rerr == unix.EINTR {
+			return false
+		}
+		// EAGAIN, or an error the kernel reports once for the first
+		// queued ICMP error (ECONNREFUSED, ...): the queue tells which
+		// datagram each belongs to.
+		drained := false
+		for {
+			qn, qoobn, _, qsa, qerr := unix.Recvmsg(int(fd), buf, oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+			if qerr != nil {
+				break
+			}
+			drained = true
+			if qe, ok := parseQueuedError(buf[:qn], oob[:qoobn], qsa); ok {
+				errs(qe)
+			}
+		}
+		if rerr == unix.EAGAIN {
+			return false // wait for data or the next error
+		}
+		if drained {
+			// The error was one of those just handled.
+			rerr = nil
+			n = -1
+		}
+		return true
+	})
+	if err != nil {
+		return 0, netip.AddrPort{}, err
+	}
+	if rerr != nil {
+		return 0, netip.AddrPort{}, &net.OpError{Op: "read", Net: "udp", Err: rerr}
+	}
+	return n, from, nil
+}
+
+// parseQueuedError reads an error queue message: the payload of the
+// datagram, where it went, and the ICMP error.
+func parseQueuedError(payload, oob []byte, sa unix.Sockaddr) (queuedError, bool) {
+	dst := sockaddrAddrPort(sa)
+	for len(oob) >= unix.CmsgLen(0) {
+		h, data, rest, err := unix.ParseOneSocketControlMessage(oob)
+		if err != nil {
+			return queuedError{}, false
+		}
+		oob = rest
+		if !(h.Level == unix.IPPROTO_IP && h.Type == unix.IP_RECVERR) &&
+			!(h.Level == unix.IPPROTO_IPV6 && h.Type == unix.IPV6_RECVERR) {
+			continue
+		}
+		if len(data) < int(unsafe.Sizeof(unix.SockExtendedErr{})) {
+			return queuedError{}, false
+		}
+		ee := (*unix.SockExtendedErr)(unsafe.Pointer(&data[0]))
+		ue, ok := classifyICMP(ee.Origin, ee.Type, ee.Code)
+		if !ok {
+			return queuedError{}, false
+		}
+		ue.Err = syscall.Errno(ee.Errno)
+		// The offender, the ICMP error's sender, follows the structure.
+		off := data[unsafe.Sizeof(unix.SockExtendedErr{}):]
+		ue.From = offender(off)
+		if !ue.From.IsValid() {
+			ue.From = dst.Addr()
+		}
+		return queuedError{dst: dst, payload: append([]byte(nil), payload...), err: ue}, dst.IsValid()
+	}
+	return queuedError{}, false
+}
+
+// classifyICMP keeps the errors a client should hear of: unreachables
+// and time exceeded. Too big is left out: the kernel learns the path
+// MTU from it and fragments, which the client cannot do for it.
+func classifyICMP(origin, typ, code uint8) (UDPError, bool) {
+	switch origin {
+	case unix.SO_EE_ORIGIN_ICMP:
+		switch {
+		case typ == 3 && code != 4: // unreachable, but fragmentation needed
+			return UDPError{}, true
+		case typ == 11:
+			return UDPError{TimeExceeded: true}, true
+		}
+	case unix.SO_EE_ORIGIN_ICMP6:
+		switch typ {
+		case 1: // unreachable
+			return UDPError{}, true
+		case 3:
+			return UDPError{TimeExceeded: true}, true
+		}
+	}
+	return UDPError{}, false
+}
+
+// offender parses the sockaddr the kernel puts after sock_extended_err.
+func offender(b []byte) netip.Addr {
+	if len(b) < 2 {
+		return netip.Addr{}
+	}
+	switch *(*uint16)(unsafe.Pointer(&b[0])) {
+	case unix.AF_INET:
+		if len(b) >= unix.SizeofSockaddrInet4 {
+			return netip.AddrFrom4([4]byte(b[4:8]))
+		}
+	case unix.AF_INET6:
+		if len(b) >= unix.SizeofSockaddrInet6 {
+			return netip.AddrFrom16([16]byte(b[8:24])).Unmap()
+		}
+	}
+	return netip.Addr{}
+}
+
+func sockaddrAddrPort(sa unix.Sockaddr) netip.AddrPort {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// asyncSendError reports whether a send failed with an error that an
+// earlier datagram's ICMP error left on the socket rather than with one
+// of its own: the kernel returns the pending error from the next send.
+func asyncSendError(err error) bool {
+	for _, e := range []error{unix.ECONNREFUSED, unix.EHOSTUNREACH, unix.ENETUNREACH, unix.EHOSTDOWN, unix.EPROTO} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
