@@ -319,7 +319,7 @@ func (e *Edge) Start(ctx context.Context) error {
 		e.wg.Add(1)
 		go func() {
 			defer e.wg.Done()
-			srv.Serve(l)
+			srv.Serve(framingListener{l})
 		}()
 	}
 	if l := e.httpsLn; l != nil {
@@ -360,6 +360,7 @@ func (e *Edge) newServer(l *listener, useTLS bool) *http.Server {
 		ReadHeaderTimeout: e.opts.HeaderTimeout,
 		IdleTimeout:       e.opts.IdleTimeout,
 		BaseContext:       func(net.Listener) context.Context { return e.ctx },
+		ConnContext:       framingContext,
 	}
 	// TLS handshake failures and malformed requests are the public
 	// internet's normal noise: Debug only.

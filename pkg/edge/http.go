@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -12,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -39,21 +41,77 @@ func stateOf(ctx context.Context) *reqState {
 // handler serves the requests of one HTTP(S) listener.
 func (e *Edge) handler(l *listener) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fc := framingOf(r.Context())
+		index, why := 0, ""
+		if fc != nil {
+			index, why = fc.nextRequest()
+		}
+		if why != "" {
+			e.badFraming(w, l, r, why)
+			return
+		}
 		if !e.enter() {
 			w.Header().Set("Connection", "close")
 			http.Error(w, "sluice: the edge is shutting down", http.StatusServiceUnavailable)
 			return
 		}
 		defer e.wg.Done()
-		e.serveHTTP(l, w, r)
+		e.serveHTTP(l, w, r, func() bool { return fc != nil && fc.broken(index) })
 	})
+}
+
+// badFraming refuses a request whose framing is broken, and closes the
+// connection after the answer: where the next request would start is
+// anybody's guess (RFC 9112 sections 6.3 and 11.2).
+func (e *Edge) badFraming(w http.ResponseWriter, l *listener, r *http.Request, why string) {
+	e.log.Debug("malformed request framing; closing the connection", zap.String("listener", l.stats.name),
+		zap.String("client", r.RemoteAddr), zap.String("why", why))
+	w.Header().Set("Connection", "close")
+	http.Error(w, "sluice: malformed request: "+why, http.StatusBadRequest)
+	// Counted as the hostname's 4xx, as a body found broken later is.
+	if host := canonicalHost(r.Host); host != "" && e.keepsStats(host) {
+		e.stats.host(host).observe(http.StatusBadRequest, 0)
+	}
+}
+
+// closeConn ends the client connection of a request whose body turned out
+// to be malformed once its answer had started: net/http would otherwise
+// keep the connection and read whatever follows the broken body as the
+// next request. A response that already says Connection: close ends
+// the connection anyway, after its last byte.
+func closeConn(w http.ResponseWriter) {
+	if strings.EqualFold(w.Header().Get("Connection"), "close") {
+		return
+	}
+	rc := http.NewResponseController(w)
+	rc.Flush()
+	if c, _, err := rc.Hijack(); err == nil {
+		c.Close()
+	}
+}
+
+// watchedBody is a client's request body that remembers whether reading
+// it failed (malformed chunking, a body cut short).
+type watchedBody struct {
+	io.ReadCloser
+	failed atomic.Bool
+}
+
+func (b *watchedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		b.failed.Store(true)
+	}
+	return n, err
 }
 
 // maxHostInMessage bounds how much of a client's Host header is echoed
 // in an error.
 const maxHostInMessage = 100
 
-func (e *Edge) serveHTTP(l *listener, w http.ResponseWriter, r *http.Request) {
+// serveHTTP serves one request; broken reports whether the connection's
+// framing broke at this request or before it, as far as it was read.
+func (e *Edge) serveHTTP(l *listener, w http.ResponseWriter, r *http.Request, broken func() bool) {
 	start := time.Now()
 	host := canonicalHost(r.Host)
 	client := remoteIP(r.RemoteAddr)
@@ -130,7 +188,16 @@ func (e *Edge) serveHTTP(l *listener, w http.ResponseWriter, r *http.Request) {
 		listener:  l,
 		stripAuth: pol != nil && pol.auth != nil,
 	})
-	e.proxy.ServeHTTP(rec, r.WithContext(ctx))
+	out := r.WithContext(ctx)
+	var body *watchedBody
+	if r.Body != nil && r.Body != http.NoBody {
+		body = &watchedBody{ReadCloser: r.Body}
+		out.Body = body
+	}
+	e.proxy.ServeHTTP(rec, out)
+	if (body != nil && body.failed.Load()) || broken() {
+		closeConn(w)
+	}
 }
 
 // refuse answers a request that policy refused, and counts it. start, if
@@ -302,7 +369,9 @@ func (e *Edge) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		w.WriteHeader(499)
 	case errors.As(err, new(*clientBodyError)):
 		// The client's own fault; a 5xx would count against an origin
-		// that did nothing wrong.
+		// that did nothing wrong. What follows a broken body cannot be
+		// told apart from a request, so the connection ends here.
+		w.Header().Set("Connection", "close")
 		http.Error(w, "sluice: the request body could not be read", http.StatusBadRequest)
 	default:
 		e.log.Debug("proxying failed", zap.String("hostname", st.host), zap.Stringer("client", st.client), zap.Error(err))

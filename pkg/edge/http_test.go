@@ -1065,3 +1065,138 @@ func TestStaleKeepAliveRetried(t *testing.T) {
 	}
 	mustMetric(t, e, "sluice_edge_attempts_failed_total", map[string]string{"hostname": "app.example.com"}, 0)
 }
+
+// smugglingEdge is an edge in front of an origin that records the path
+// of every request it gets; seen returns them.
+func smugglingEdge(t *testing.T) (e *Edge, seen func() []string, arrived <-chan struct{}) {
+	t.Helper()
+	reg := newRegistry(t, nil)
+	var mu sync.Mutex
+	var paths []string
+	got := make(chan struct{}, 16)
+	_, p := origin(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		paths = append(paths, r.URL.Path)
+		mu.Unlock()
+		got <- struct{}{}
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "origin")
+	}))
+	register(t, reg, "app.example.com", p, expose.ProtocolHTTP, nil)
+	e = startEdge(t, Options{Registry: reg, HTTPAddr: "127.0.0.1:0"})
+	return e, func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]string(nil), paths...)
+	}, got
+}
+
+// wantClosed reads what is left of conn and fails unless the edge closed
+// it: EOF or a reset, not the deadline.
+func wantClosed(t *testing.T, br *bufio.Reader) {
+	t.Helper()
+	rest, err := io.ReadAll(br)
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatalf("the edge kept the connection open after a framing error (read %q)", rest)
+	}
+	if len(rest) > 0 {
+		t.Errorf("after the refusal the edge sent %q", rest)
+	}
+}
+
+// TestSmugglingRefused sends requests whose framing RFC 9112 says to
+// reject, each followed by a request that would be smuggled if the edge
+// read on: the edge answers 400 and closes, and the origin gets nothing.
+func TestSmugglingRefused(t *testing.T) {
+	const smuggled = "GET /smuggled HTTP/1.1\r\nHost: app.example.com\r\n\r\n"
+	for _, tc := range []struct{ name, req string }{
+		{"bad chunk size", "POST /first HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n3x\r\nabc\r\n0\r\n\r\n"},
+		{"CL and TE", "POST /first HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"},
+		{"TE and CL", "POST /first HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\nContent-Length: 40\r\n\r\n0\r\n\r\n"},
+		{"chunk without CRLF", "POST /first HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n"},
+		{"after OPTIONS *", "OPTIONS * HTTP/1.1\r\nHost: app.example.com\r\n\r\nPOST /first HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"},
+		{"folded TE", "POST /first HTTP/1.1\r\nHost: app.example.com\r\nX-A: b\r\n Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, seen, _ := smugglingEdge(t)
+			conn := dialRaw(t, e.HTTPAddr(), 5*time.Second)
+			if _, err := io.WriteString(conn, tc.req+smuggled); err != nil {
+				t.Fatal(err)
+			}
+			br := bufio.NewReader(conn)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.StatusCode == http.StatusOK && strings.HasPrefix(tc.req, "OPTIONS") {
+				// net/http answers OPTIONS * itself.
+				resp.Body.Close()
+				if resp, err = http.ReadResponse(br, nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusBadRequest {
+				t.Errorf("status %d, want 400", resp.StatusCode)
+			}
+			wantClosed(t, br)
+			if got := seen(); len(got) != 0 {
+				t.Errorf("the origin got %v", got)
+			}
+		})
+	}
+}
+
+// TestSmugglingMidBody breaks the chunking of a body that is already on
+// its way to the origin: the request after it must not reach the origin,
+// and the connection ends.
+func TestSmugglingMidBody(t *testing.T) {
+	e, seen, arrived := smugglingEdge(t)
+	conn := dialRaw(t, e.HTTPAddr(), 5*time.Second)
+	io.WriteString(conn, "POST /first HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+	select {
+	case <-arrived:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the first request did not reach the origin")
+	}
+	io.WriteString(conn, "zz\r\nGET /smuggled HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+	br := bufio.NewReader(conn)
+	if resp, err := http.ReadResponse(br, nil); err == nil {
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			t.Errorf("a request with a broken body got %s", resp.Status)
+		}
+	}
+	wantClosed(t, br)
+	if got := seen(); len(got) != 1 || got[0] != "/first" {
+		t.Errorf("the origin got %v, want only /first", got)
+	}
+}
+
+// TestPipelinedFraming keeps well-framed requests, pipelined on one
+// connection, working: chunked, with a length, and without a body.
+func TestPipelinedFraming(t *testing.T) {
+	e, seen, _ := smugglingEdge(t)
+	conn := dialRaw(t, e.HTTPAddr(), 5*time.Second)
+	io.WriteString(conn, "POST /a HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n"+
+		"POST /b HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 5\r\n\r\nhello"+
+		"OPTIONS * HTTP/1.1\r\nHost: app.example.com\r\n\r\n"+
+		"GET /c HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+	br := bufio.NewReader(conn)
+	for i := range 4 {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("response %d: %v", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("response %d: %s", i, resp.Status)
+		}
+	}
+	if got := strings.Join(seen(), " "); got != "/a /b /c" {
+		t.Errorf("the origin got %q, want /a /b /c", got)
+	}
+}
