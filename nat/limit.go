@@ -21,12 +21,19 @@ var (
 	ErrRateLimited = errors.New("nat: new-flow rate limit reached")
 	// ErrPeerFlowLimit means the peer has MaxFlows flows open already.
 	ErrPeerFlowLimit = errors.New("nat: peer's concurrent flow limit reached")
+	// ErrHandshakeLimit means the peer has MaxHandshakes TCP handshakes
+	// in flight already.
+	ErrHandshakeLimit = errors.New("nat: peer's limit of TCP handshakes in flight reached")
 )
 
 // Default limits, for a Limits field left zero.
 const (
 	DefaultNewFlowsPerSecond = 100
 	DefaultMaxFlowsPerPeer   = 4096
+	// DefaultMaxHandshakesPerPeer is an eighth of the gateway's default
+	// bound on all handshakes in flight (1024): it takes eight peers
+	// flooding half-open handshakes to fill it.
+	DefaultMaxHandshakesPerPeer = 128
 )
 
 // Limits bound how fast one peer opens flows and how many it holds open. A
@@ -42,6 +49,11 @@ type Limits struct {
 	// MaxFlows is how many flows the peer may have open at once [4096].
 	// Negative means no limit.
 	MaxFlows int
+	// MaxHandshakes is how many TCP handshakes the peer may have in
+	// flight at once, from its SYN until its connection is relayed or
+	// refused [128]; each holds a connection to its destination, and so
+	// an egress port, once dialled. Negative means no limit.
+	MaxHandshakes int
 }
 
 // LimiterOptions configure a Limiter. The zero value gives every peer the
@@ -75,6 +87,10 @@ type PeerLimitStats struct {
 	// Admitted counts the flows admitted; RateLimited and FlowLimited the
 	// flows refused with ErrRateLimited and ErrPeerFlowLimit.
 	Admitted, RateLimited, FlowLimited uint64
+	// Handshakes is the number of TCP handshakes in flight;
+	// HandshakeLimited counts the SYNs refused with ErrHandshakeLimit.
+	Handshakes       int
+	HandshakeLimited uint64
 }
 
 const (
@@ -133,8 +149,11 @@ type peerLimit struct {
 	// make a refusal stale, never an admission wrong.
 	flows                              atomic.Int64
 	admitted, rateLimited, flowLimited atomic.Uint64
+	// handshakes follows the same rule as flows.
+	handshakes       atomic.Int64
+	handshakeLimited atomic.Uint64
 	// Prepared once, so that a refusal does not allocate.
-	rateErr, flowErr error
+	rateErr, flowErr, handshakeErr error
 
 	mu         sync.Mutex
 	tokens     float64 // clamped to the burst before use, so +Inf is full
@@ -170,6 +189,7 @@ func newLimitConfig(opts LimiterOptions) (*limitConfig, error) {
 	c := &limitConfig{def: opts.Default.withDefaults(Limits{
 		NewFlowsPerSecond: DefaultNewFlowsPerSecond,
 		MaxFlows:          DefaultMaxFlowsPerPeer,
+		MaxHandshakes:     DefaultMaxHandshakesPerPeer,
 	})}
 	if len(opts.Peers) > 0 {
 		c.peers = make(map[string]Limits, len(opts.Peers))
@@ -215,6 +235,9 @@ func (l Limits) withDefaults(d Limits) Limits {
 	}
 	if l.MaxFlows == 0 {
 		l.MaxFlows = d.MaxFlows
+	}
+	if l.MaxHandshakes == 0 {
+		l.MaxHandshakes = d.MaxHandshakes
 	}
 	return l
 }
@@ -307,6 +330,54 @@ func (a *admission) release() {
 	}
 }
 
+// AdmitHandshake asks to start one TCP handshake for peer, when its SYN
+// arrives and before Admit is asked for the flow. It bounds the
+// handshakes in flight, which hold a slot the whole gateway shares for as
+// long as the client takes to complete them, however slowly the peer
+// opens them. On success the caller must call release exactly once when
+// the handshake ends; further calls do nothing. Otherwise the error
+// matches ErrHandshakeLimit.
+func (l *Limiter) AdmitHandshake(peer string) (release func(), err error) {
+	lim := l.cfg.Load().limits(peer)
+	now := l.now()
+	for {
+		p := l.peer(peer, now)
+		p.mu.Lock()
+		if p.dead {
+			p.mu.Unlock()
+			continue
+		}
+		if lim.MaxHandshakes >= 0 && p.handshakes.Load() >= int64(lim.MaxHandshakes) {
+			p.handshakeLimited.Add(1)
+			logIt, n := p.refused(now)
+			p.mu.Unlock()
+			if logIt {
+				l.log.Warn("peer reached its limit of TCP handshakes in flight; refusing new connections",
+					zap.String("peer", peer), zap.Int("max_handshakes", lim.MaxHandshakes),
+					zap.Uint64("suppressed", n))
+			}
+			return nil, p.handshakeErr
+		}
+		p.handshakes.Add(1)
+		// A peer with a handshake in flight is not forgotten: the sweep
+		// checks handshakes as it checks flows.
+		p.lastAdmit = max(p.lastAdmit, now)
+		p.mu.Unlock()
+		h := &handshakeAdmission{}
+		h.p.Store(p)
+		return h.release, nil
+	}
+}
+
+// handshakeAdmission is one admitted handshake.
+type handshakeAdmission struct{ p atomic.Pointer[peerLimit] }
+
+func (a *handshakeAdmission) release() {
+	if p := a.p.Swap(nil); p != nil {
+		p.handshakes.Add(-1)
+	}
+}
+
 // refused records a refusal under p.mu and says whether to log it, with the
 // number of refusals left unlogged before it.
 func (p *peerLimit) refused(now int64) (logIt bool, suppressed uint64) {
@@ -328,12 +399,13 @@ func (l *Limiter) peer(name string, now int64) *peerLimit {
 		return v.(*peerLimit)
 	}
 	p := &peerLimit{
-		name:      name,
-		rateErr:   fmt.Errorf("peer %q: %w", name, ErrRateLimited),
-		flowErr:   fmt.Errorf("peer %q: %w", name, ErrPeerFlowLimit),
-		tokens:    math.Inf(1),
-		refilled:  now,
-		lastAdmit: now,
+		name:         name,
+		rateErr:      fmt.Errorf("peer %q: %w", name, ErrRateLimited),
+		flowErr:      fmt.Errorf("peer %q: %w", name, ErrPeerFlowLimit),
+		handshakeErr: fmt.Errorf("peer %q: %w", name, ErrHandshakeLimit),
+		tokens:       math.Inf(1),
+		refilled:     now,
+		lastAdmit:    now,
 	}
 	v, _ := l.peers.LoadOrStore(name, p)
 	return v.(*peerLimit)
@@ -350,7 +422,7 @@ func (l *Limiter) sweep(now int64) {
 		p.mu.Lock()
 		full := lim.NewFlowsPerSecond < 0 ||
 			p.tokens+float64(now-p.refilled)*lim.NewFlowsPerSecond/float64(time.Second) >= float64(lim.Burst)
-		if p.flows.Load() == 0 && now-p.lastAdmit >= int64(forgetAfter) && full {
+		if p.flows.Load() == 0 && p.handshakes.Load() == 0 && now-p.lastAdmit >= int64(forgetAfter) && full {
 			p.dead = true
 			l.peers.CompareAndDelete(k, p)
 		}
@@ -375,6 +447,9 @@ func (l *Limiter) Stats() []PeerLimitStats {
 			Admitted:    p.admitted.Load(),
 			RateLimited: p.rateLimited.Load(),
 			FlowLimited: p.flowLimited.Load(),
+
+			Handshakes:       int(p.handshakes.Load()),
+			HandshakeLimited: p.handshakeLimited.Load(),
 		})
 		return true
 	})

@@ -180,7 +180,7 @@ func TestLimiterDefaults(t *testing.T) {
 	admitN(t, l, "", 200)
 	refused(t, l, "", ErrRateLimited)
 	s := peerStats(t, l, "")
-	if want := (Limits{NewFlowsPerSecond: 100, Burst: 200, MaxFlows: 4096}); s.Limits != want {
+	if want := (Limits{NewFlowsPerSecond: 100, Burst: 200, MaxFlows: 4096, MaxHandshakes: 128}); s.Limits != want {
 		t.Errorf("default limits %+v, want %+v", s.Limits, want)
 	}
 
@@ -215,11 +215,11 @@ func TestLimiterPerPeerLimits(t *testing.T) {
 		peer string
 		want Limits
 	}{
-		{"laptop", Limits{NewFlowsPerSecond: 10, Burst: 20, MaxFlows: 2}},
-		{"server", Limits{NewFlowsPerSecond: 1, Burst: 2, MaxFlows: 5}},
-		{"bulk", Limits{NewFlowsPerSecond: -1, Burst: 0, MaxFlows: -1}},
-		{"", Limits{NewFlowsPerSecond: 10, Burst: 3, MaxFlows: 5}},
-		{"phone", Limits{NewFlowsPerSecond: 10, Burst: 20, MaxFlows: 5}},
+		{"laptop", Limits{NewFlowsPerSecond: 10, Burst: 20, MaxFlows: 2, MaxHandshakes: 128}},
+		{"server", Limits{NewFlowsPerSecond: 1, Burst: 2, MaxFlows: 5, MaxHandshakes: 128}},
+		{"bulk", Limits{NewFlowsPerSecond: -1, Burst: 0, MaxFlows: -1, MaxHandshakes: 128}},
+		{"", Limits{NewFlowsPerSecond: 10, Burst: 3, MaxFlows: 5, MaxHandshakes: 128}},
+		{"phone", Limits{NewFlowsPerSecond: 10, Burst: 20, MaxFlows: 5, MaxHandshakes: 128}},
 	} {
 		admitN(t, l, tc.peer, 1)
 		if got := peerStats(t, l, tc.peer).Limits; got != tc.want {
@@ -715,5 +715,62 @@ func BenchmarkLimiterAdmitRelease(b *testing.B) {
 				}
 			})
 		})
+	}
+}
+
+// TestLimiterHandshakes: each peer has its own count of handshakes in
+// flight, apart from its flows and its rate; a refusal is logged naming
+// the peer, at most once per interval; a release frees the slot, once.
+func TestLimiterHandshakes(t *testing.T) {
+	core, logs := observer.New(zapcore.WarnLevel)
+	l, clock := newTestLimiter(t, LimiterOptions{
+		Default: Limits{NewFlowsPerSecond: 1, Burst: 1, MaxHandshakes: 3},
+		Peers:   map[string]Limits{"big": {MaxHandshakes: -1}},
+		Logger:  zap.New(core),
+	})
+	var rels []func()
+	for i := range 3 {
+		rel, err := l.AdmitHandshake("a")
+		if err != nil {
+			t.Fatalf("handshake %d: %v", i+1, err)
+		}
+		rels = append(rels, rel)
+	}
+	for range 5 {
+		if _, err := l.AdmitHandshake("a"); !errors.Is(err, ErrHandshakeLimit) || !strings.Contains(err.Error(), `"a"`) {
+			t.Fatalf("fourth handshake: %v; want ErrHandshakeLimit naming the peer", err)
+		}
+	}
+	// Another peer, and one without a limit, are not held up.
+	for _, peer := range []string{"b", "big", "big", "big", "big"} {
+		if _, err := l.AdmitHandshake(peer); err != nil {
+			t.Fatalf("peer %q: %v", peer, err)
+		}
+	}
+	// Handshakes take no flow tokens: the peer's one flow is still there.
+	admitN(t, l, "a", 1)
+	if n := logs.FilterMessageSnippet("handshakes").Len(); n != 1 {
+		t.Errorf("%d log lines for the refusals; want 1", n)
+	}
+	if got := logs.All()[0].ContextMap()["peer"]; got != "a" {
+		t.Errorf("the log line names peer %v", got)
+	}
+	s := peerStats(t, l, "a")
+	if s.Handshakes != 3 || s.HandshakeLimited != 5 {
+		t.Errorf("stats %+v; want 3 handshakes, 5 refused", s)
+	}
+	rels[0]()
+	rels[0]() // a second release does nothing
+	if _, err := l.AdmitHandshake("a"); err != nil {
+		t.Fatalf("after a release: %v", err)
+	}
+	if _, err := l.AdmitHandshake("a"); !errors.Is(err, ErrHandshakeLimit) {
+		t.Fatalf("after one release, two handshakes: %v", err)
+	}
+	// A peer with handshakes in flight is not forgotten.
+	clock.advance(2 * forgetAfter)
+	admitN(t, l, "c", 1)
+	if s := peerStats(t, l, "a"); s.Handshakes != 3 {
+		t.Errorf("after a sweep: %+v", s)
 	}
 }
