@@ -6,9 +6,12 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
+
+	bytecopy "github.com/sluice-vpn/sluice/relay"
 )
 
 // maxRefusing bounds the connections being refused at once because
@@ -222,10 +225,22 @@ func (c *trackedConn) Close() error {
 
 // CloseWrite half-closes the connection if it can, as *net.TCPConn does.
 func (c *trackedConn) CloseWrite() error {
-	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+	if cw, ok := c.Conn.(bytecopy.CloseWriter); ok {
 		return cw.CloseWrite()
 	}
 	return c.Conn.Close()
+}
+
+// NetConn is the connection c wraps, which is what a relay resets.
+func (c *trackedConn) NetConn() net.Conn { return c.Conn }
+
+// SyscallConn lets a relay wait for the socket to be readable without
+// holding a buffer; the wrapper adds nothing to reads.
+func (c *trackedConn) SyscallConn() (syscall.RawConn, error) {
+	if sc, ok := c.Conn.(syscall.Conn); ok {
+		return sc.SyscallConn()
+	}
+	return nil, errors.ErrUnsupported
 }
 
 // acceptLoop calls handle for each connection ln accepts, on a goroutine
@@ -261,27 +276,8 @@ func (s *server) acceptLoop(ln net.Listener, handle func(net.Conn)) error {
 
 // relay copies both ways between a and b until both directions end,
 // passing a half-close on, then closes both. A direction that fails (a
-// reset, a closed connection) ends both at once: nobody is left to talk
+// reset, a closed connection) resets both at once: nobody is left to talk
 // to.
 func relay(a, b net.Conn) {
-	done := make(chan struct{}, 2)
-	copyHalf := func(dst, src net.Conn) {
-		defer func() { done <- struct{}{} }()
-		if _, err := io.Copy(dst, src); err != nil {
-			a.Close()
-			b.Close()
-			return
-		}
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-			cw.CloseWrite()
-		} else {
-			dst.Close()
-		}
-	}
-	go copyHalf(a, b)
-	go copyHalf(b, a)
-	<-done
-	<-done
-	a.Close()
-	b.Close()
+	bytecopy.Run(context.Background(), a, b, bytecopy.Options{})
 }
