@@ -22,9 +22,10 @@ import (
 type handler Server
 
 var (
-	_ netstack.Handler   = (*handler)(nil)
-	_ netstack.Batcher   = (*handler)(nil)
-	_ netstack.TryReader = (*tcpConn)(nil)
+	_ netstack.Handler           = (*handler)(nil)
+	_ netstack.Batcher           = (*handler)(nil)
+	_ netstack.HandshakeAdmitter = (*handler)(nil)
+	_ netstack.TryReader         = (*tcpConn)(nil)
 )
 
 // Why flows are refused, as counted in Stats and metrics.
@@ -50,7 +51,8 @@ func (s *Server) refuse(err error, limit netstack.Refusal) error {
 	case errors.Is(err, nat.ErrDenied):
 		s.refusals[RefusedPolicy].Add(1)
 		return netstack.Refuse(netstack.RefuseProhibited, err)
-	case errors.Is(err, nat.ErrTableFull), errors.Is(err, nat.ErrRateLimited), errors.Is(err, nat.ErrPeerFlowLimit):
+	case errors.Is(err, nat.ErrTableFull), errors.Is(err, nat.ErrRateLimited), errors.Is(err, nat.ErrPeerFlowLimit),
+		errors.Is(err, nat.ErrHandshakeLimit):
 		s.refusals[RefusedLimit].Add(1)
 		s.logLimit(err)
 		return netstack.Refuse(limit, err)
@@ -128,6 +130,19 @@ func (h *handler) DialTCP(ctx context.Context, src, dst netip.AddrPort) (net.Con
 		return nil, netstack.Refuse(netstack.RefuseReset, errors.New("gateway: flow evicted during dial"))
 	}
 	return c, nil
+}
+
+// AdmitHandshake implements netstack.HandshakeAdmitter: each peer (each
+// client address in TUN mode) has its own share of the handshakes in
+// flight, so that half-open handshakes from one cannot take the slots all
+// share. Over its share, a SYN is answered with a RST.
+func (h *handler) AdmitHandshake(src netip.AddrPort) (func(), error) {
+	s := (*Server)(h)
+	release, err := s.limiter.AdmitHandshake(s.limitKey(s.peerOf(src.Addr()), src.Addr()))
+	if err != nil {
+		return nil, s.refuse(err, netstack.RefuseReset)
+	}
+	return release, nil
 }
 
 func (h *handler) HandleUDP(src, dst netip.AddrPort, payload []byte) error {

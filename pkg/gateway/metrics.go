@@ -13,7 +13,8 @@ type metricsCollector struct {
 
 	flows, flowsCreated, refused, peerBytes, peerPackets, peerFlows, wgBytes,
 	handshakeAge, egressPorts, egressSlice, egressConns, inFlight, inFlightDrops,
-	malformed, packets, tableMax, dnsQueries, limited, queueDrops, retransmits *prometheus.Desc
+	malformed, packets, tableMax, dnsQueries, limited, queueDrops, retransmits,
+	peerHandshakes, handshakesRefused, handshakeTimeouts *prometheus.Desc
 }
 
 // Collector returns a Prometheus collector of the gateway's metrics.
@@ -34,15 +35,20 @@ func (s *Server) Collector() prometheus.Collector {
 		egressPorts:   d("egress_ports_in_use", "Egress ports in use, by local address and protocol.", "addr", "proto"),
 		egressSlice:   d("egress_ports_slice_size", "Ports in this gateway's slice of the egress range."),
 		egressConns:   d("egress_tcp_connections", "Open egress TCP connections, by local address (ports are shared across destinations).", "addr"),
-		inFlight:      d("tcp_handshakes_in_flight", "Client TCP handshakes waiting on their egress dial."),
+		inFlight:      d("tcp_handshakes_in_flight", "Client TCP handshakes in flight, from the SYN until the connection is relayed or refused."),
 		inFlightDrops: d("tcp_handshakes_dropped_total", "SYNs dropped because too many handshakes were in flight."),
-		malformed:     d("packets_malformed_total", "Packets from clients dropped because they did not parse."),
-		packets:       d("packets_total", "Packets through the stack, by direction (in: from clients).", "direction"),
-		queueDrops:    d("packets_queue_dropped_total", "Packets toward clients dropped because the tunnel did not take them fast enough."),
-		retransmits:   d("tcp_retransmits_total", "TCP segments sent to clients again, by cause (timeout, or loss detected otherwise).", "cause"),
-		tableMax:      d("flows_max", "The connection table's size limit."),
-		dnsQueries:    d("dns_queries_total", "DNS queries to the gateway's address, by outcome.", "outcome"),
-		limited:       d("peer_flows_limited_total", "Flows of a peer refused by its limits, by limit.", "peer", "limit"),
+		handshakesRefused: d("tcp_handshakes_refused_total",
+			"SYNs refused (RST) because their peer had its share of handshakes in flight."),
+		handshakeTimeouts: d("tcp_handshake_timeouts_total",
+			"Client TCP handshakes dropped, with their egress connection, because the client did not answer the SYN-ACK in time."),
+		peerHandshakes: d("peer_tcp_handshakes_in_flight", "A peer's TCP handshakes in flight (in TUN mode, a client address's or /64's).", "peer"),
+		malformed:      d("packets_malformed_total", "Packets from clients dropped because they did not parse."),
+		packets:        d("packets_total", "Packets through the stack, by direction (in: from clients).", "direction"),
+		queueDrops:     d("packets_queue_dropped_total", "Packets toward clients dropped because the tunnel did not take them fast enough."),
+		retransmits:    d("tcp_retransmits_total", "TCP segments sent to clients again, by cause (timeout, or loss detected otherwise).", "cause"),
+		tableMax:       d("flows_max", "The connection table's size limit."),
+		dnsQueries:     d("dns_queries_total", "DNS queries to the gateway's address, by outcome.", "outcome"),
+		limited:        d("peer_flows_limited_total", "Flows of a peer refused by its limits, by limit (rate, flows, handshakes).", "peer", "limit"),
 	}
 }
 
@@ -81,6 +87,8 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, l := range st.Limits {
 		counter(c.limited, l.RateLimited, l.Peer, "rate")
 		counter(c.limited, l.FlowLimited, l.Peer, "flows")
+		counter(c.limited, l.HandshakeLimited, l.Peer, "handshakes")
+		gauge(c.peerHandshakes, float64(l.Handshakes), l.Peer)
 	}
 
 	if s.wg != nil {
@@ -103,6 +111,8 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(c.inFlight, float64(st.Stack.InFlight))
 	counter(c.inFlightDrops, st.Stack.InFlightDrops)
+	counter(c.handshakesRefused, st.Stack.InFlightRefused)
+	counter(c.handshakeTimeouts, st.Stack.HandshakeTimeouts)
 	counter(c.malformed, st.Stack.Malformed)
 	counter(c.packets, st.Stack.PacketsIn, "in")
 	counter(c.packets, st.Stack.PacketsOut, "out")
