@@ -42,7 +42,7 @@ type relay struct {
 // FIN in one direction is passed on as a half-close; an error in either
 // direction (a reset, a failed write) resets both sides at once.
 func (rl *relay) run(log *zap.Logger) {
-	opts := bytecopy.Options{Buffers: syncPoolBuffers{rl.bufs}, Logger: log}
+	opts := bytecopy.Options{Buffers: bytecopy.FromSyncPool(rl.bufs), Logger: log}
 	if c, ok := rl.upstream.(SegmentCounter); ok {
 		rl.counter = c
 		opts.OnCopy = rl.report
@@ -180,9 +180,3 @@ func (c *clientConn) Close() error {
 	}
 	return c.TCPConn.Close()
 }
-
-// syncPoolBuffers lends the forwarder's buffers to package relay.
-type syncPoolBuffers struct{ p *sync.Pool }
-
-func (b syncPoolBuffers) Get() *[]byte  { return b.p.Get().(*[]byte) }
-func (b syncPoolBuffers) Put(p *[]byte) { b.p.Put(p) }

@@ -181,12 +181,15 @@ func NewBufferPool(size int) BufferPool {
 	if size <= 0 {
 		size = DefaultBufferSize
 	}
-	p := &syncPool{}
-	p.p.New = func() any { b := make([]byte, size); return &b }
-	return p
+	p := &sync.Pool{New: func() any { b := make([]byte, size); return &b }}
+	return FromSyncPool(p)
 }
 
-type syncPool struct{ p sync.Pool }
+// FromSyncPool is p, a pool whose New makes *[]byte, as a BufferPool: for
+// an owner that keeps its buffers in a sync.Pool of its own.
+func FromSyncPool(p *sync.Pool) BufferPool { return (*syncPool)(p) }
 
-func (p *syncPool) Get() *[]byte  { return p.p.Get().(*[]byte) }
-func (p *syncPool) Put(b *[]byte) { p.p.Put(b) }
+type syncPool sync.Pool
+
+func (p *syncPool) Get() *[]byte  { return (*sync.Pool)(p).Get().(*[]byte) }
+func (p *syncPool) Put(b *[]byte) { (*sync.Pool)(p).Put(b) }

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	bytecopy "github.com/sluice-vpn/sluice/relay"
 )
 
 // copyBufSize is the buffer of each direction of a relayed connection.
@@ -230,65 +232,18 @@ func (a *Agent) closeConns() {
 }
 
 // relay copies both ways between edge and origin until both directions
-// have ended, then closes both.
+// have ended, then closes both. The end of a client's request reaches the
+// origin as a half-close (close_notify and a FIN over TLS) while the
+// answer still flows back; a failure either way resets both.
 func (a *Agent) relay(edge, origin net.Conn) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		a.pipe(origin, edge, &a.toOrigin)
-	}()
-	a.pipe(edge, origin, &a.fromOrigin)
-	<-done
-	edge.Close()
-	origin.Close()
-}
-
-// pipe copies src to dst until src ends, then half-closes dst, so that a
-// client's end of a request reaches the origin while the answer still
-// flows back. A failure either way (a reset, a closed connection) closes
-// both: there is nobody left to talk to.
-func (a *Agent) pipe(dst, src net.Conn, n *atomic.Uint64) {
-	bp := a.bufs.Get().(*[]byte)
-	defer a.bufs.Put(bp)
-	buf := *bp
-	for {
-		nr, rerr := src.Read(buf)
-		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
-			n.Add(uint64(nw))
-			if werr != nil {
-				src.Close()
-				dst.Close()
-				return
+	bytecopy.Run(context.Background(), edge, origin, bytecopy.Options{
+		Buffers: bytecopy.FromSyncPool(&a.bufs),
+		OnCopy: func(dir bytecopy.Direction, n int) {
+			if dir == bytecopy.AToB {
+				a.toOrigin.Add(uint64(n))
+			} else {
+				a.fromOrigin.Add(uint64(n))
 			}
-		}
-		if rerr == io.EOF {
-			closeWrite(dst)
-			return
-		}
-		if rerr != nil {
-			src.Close()
-			dst.Close()
-			return
-		}
-	}
-}
-
-type closeWriter interface{ CloseWrite() error }
-
-// closeWrite half-closes c: a TLS connection with close_notify and then
-// a FIN, so that origins that wait for either see the end; a connection
-// that cannot half-close is closed.
-func closeWrite(c net.Conn) {
-	switch c := c.(type) {
-	case *tls.Conn:
-		c.CloseWrite()
-		if cw, ok := c.NetConn().(closeWriter); ok {
-			cw.CloseWrite()
-		}
-	case closeWriter:
-		c.CloseWrite()
-	default:
-		c.Close()
-	}
+		},
+	})
 }
