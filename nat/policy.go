@@ -209,7 +209,8 @@ func (e *DeniedError) Is(target error) bool { return target == ErrDenied }
 // PeerRules are one peer's own rules, consulted before the global ones.
 type PeerRules struct {
 	// Allow opens destinations for this peer only, including ones that the
-	// global Deny rules or the defaults close.
+	// global Deny rules or the defaults close; the host's own and
+	// broadcast addresses only when a rule names them (see Check).
 	Allow []Rule
 	// Deny closes destinations for this peer; it wins over everything else.
 	Deny []Rule
@@ -218,7 +219,9 @@ type PeerRules struct {
 // PolicyOptions configure a Policy. The zero value denies the built-in
 // default ranges and allows everything else.
 type PolicyOptions struct {
-	// Allow opens destinations, including ones the defaults deny.
+	// Allow opens destinations, including ones the defaults deny; the
+	// host's own and broadcast addresses only when a rule names them
+	// (see Check).
 	Allow []Rule
 	// Deny closes destinations; it wins over Allow, though not over a
 	// peer's own Allow rules.
@@ -227,9 +230,15 @@ type PolicyOptions struct {
 	// A peer without an entry has only the global rules.
 	Peers map[string]PeerRules
 	// LocalAddrs are the gateway host's own addresses, unreachable unless
-	// allowed. Nil means discover them from the host's interfaces when the
-	// policy is made; an empty, non-nil slice means none.
+	// an Allow rule names one exactly (see Check). Nil means discover
+	// them, and LocalNets, from the host's interfaces when the policy is
+	// made; an empty, non-nil slice means none.
 	LocalAddrs []netip.Addr
+	// LocalNets are the host's connected subnets (an interface's address
+	// and prefix length): the broadcast address of each IPv4 one is
+	// unreachable unless an Allow rule names it exactly. They are not
+	// discovered when LocalAddrs is given; nil means none then.
+	LocalNets []netip.Prefix
 }
 
 // Policy decides which destinations clients may reach. It is immutable and
@@ -238,6 +247,7 @@ type Policy struct {
 	allow, deny []Rule
 	peers       map[string]peerRules
 	local       map[netip.Addr]struct{}
+	broadcast   map[netip.Addr]struct{} // the host's subnets' broadcast addresses
 }
 
 type peerRules struct {
@@ -271,7 +281,7 @@ var defaultDeny = []struct {
 
 // NewPolicy returns a policy with opts' rules in front of the defaults.
 func NewPolicy(opts PolicyOptions) (*Policy, error) {
-	p := &Policy{local: make(map[netip.Addr]struct{})}
+	p := &Policy{local: make(map[netip.Addr]struct{}), broadcast: make(map[netip.Addr]struct{})}
 	var err error
 	if p.allow, err = normalizeRules("Allow", opts.Allow); err != nil {
 		return nil, err
@@ -295,9 +305,9 @@ func NewPolicy(opts PolicyOptions) (*Policy, error) {
 			}
 		}
 	}
-	local := opts.LocalAddrs
+	local, nets := opts.LocalAddrs, opts.LocalNets
 	if local == nil {
-		if local, err = interfaceAddrs(); err != nil {
+		if local, nets, err = interfaceAddrs(); err != nil {
 			return nil, fmt.Errorf("nat: policy: discover local addresses: %w", err)
 		}
 	}
@@ -307,7 +317,29 @@ func NewPolicy(opts PolicyOptions) (*Policy, error) {
 		}
 		p.local[a.Unmap().WithZone("")] = struct{}{}
 	}
+	for i, n := range nets {
+		if !n.IsValid() {
+			return nil, fmt.Errorf("nat: PolicyOptions.LocalNets[%d] is not a valid prefix", i)
+		}
+		if b, ok := broadcastOf(n); ok {
+			p.broadcast[b] = struct{}{}
+		}
+	}
 	return p, nil
+}
+
+// broadcastOf is the broadcast address of an IPv4 subnet (RFC 919): its
+// last address. Subnets of /31 and /32 have none (RFC 3021), nor has
+// IPv6.
+func broadcastOf(n netip.Prefix) (netip.Addr, bool) {
+	n = normalizePrefix(n)
+	if !n.Addr().Is4() || n.Bits() > 30 {
+		return netip.Addr{}, false
+	}
+	b := n.Addr().As4()
+	host := uint32(1)<<(32-n.Bits()) - 1
+	v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3]) | host
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), true
 }
 
 func normalizeRules(field string, rules []Rule) ([]Rule, error) {
@@ -322,35 +354,95 @@ func normalizeRules(field string, rules []Rule) ([]Rule, error) {
 	return out, nil
 }
 
-func interfaceAddrs() ([]netip.Addr, error) {
+// interfaceAddrs lists the host's addresses, and the subnets of those
+// that an interface has with a prefix length.
+func interfaceAddrs() ([]netip.Addr, []netip.Prefix, error) {
 	addrs, err := net.InterfaceAddrs()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	out := make([]netip.Addr, 0, len(addrs))
+	var nets []netip.Prefix
 	for _, a := range addrs {
 		var ip net.IP
+		bits := -1
 		switch a := a.(type) {
 		case *net.IPNet:
 			ip = a.IP
+			if ones, size := a.Mask.Size(); size != 0 {
+				bits = ones
+				if size == 128 && ip.To4() != nil {
+					bits -= 96
+				}
+			}
 		case *net.IPAddr:
 			ip = a.IP
 		default:
 			continue
 		}
-		if addr, ok := netip.AddrFromSlice(ip); ok {
-			out = append(out, addr.Unmap())
+		addr, ok := netip.AddrFromSlice(ip)
+		if !ok {
+			continue
+		}
+		addr = addr.Unmap()
+		out = append(out, addr)
+		if bits >= 0 && bits <= addr.BitLen() {
+			nets = append(nets, netip.PrefixFrom(addr, bits))
 		}
 	}
-	return out, nil
+	return out, nets, nil
 }
+
+// guarded reports whether addr is closed even to an Allow rule that
+// covers it without naming it: an address of the gateway host, whose services a
+// range meant for a network must not open (allowing 10.0.0.0/8 to reach
+// the office must not open the gateway's own 10.0.0.5), or a broadcast
+// address, which reaches every host of a subnet at once.
+func (p *Policy) guarded(addr netip.Addr) bool {
+	_, local := p.local[addr]
+	_, bcast := p.broadcast[addr]
+	return local || bcast || addr == limitedBroadcast
+}
+
+// guardReason is why a guarded address is denied.
+func (p *Policy) guardReason(addr netip.Addr) string {
+	if _, ok := p.local[addr]; ok {
+		return "address of the gateway host " + addr.String()
+	}
+	if addr == limitedBroadcast {
+		return "broadcast address 255.255.255.255"
+	}
+	return "broadcast address " + addr.String() + " of the gateway host's subnet"
+}
+
+var limitedBroadcast = netip.AddrFrom4([4]byte{255, 255, 255, 255})
+
+// allows reports whether r opens a flow of proto to addr and port: r
+// matches it and, if addr is guarded, names it: as itself, or, for a
+// loopback address, with a range inside loopback, which can only ever
+// mean the host (the range 127.0.0.0/8 names the host's 127.0.0.1 as
+// plainly as 127.0.0.1/32 does; 0.0.0.0/0 does not).
+func (r Rule) allows(proto Proto, addr netip.Addr, port uint16, guarded bool) bool {
+	if !r.match(proto, addr, port) {
+		return false
+	}
+	if !guarded || (r.Prefix.IsSingleIP() && r.Prefix.Addr() == addr) {
+		return true
+	}
+	return addr.IsLoopback() && r.Prefix.Addr().IsLoopback() && r.Prefix.Bits() >= loopback4.Bits()
+}
+
+var loopback4 = netip.MustParsePrefix("127.0.0.0/8")
 
 // Check returns nil if a client may open a flow of proto to dst, or a
 // *DeniedError saying why not. An explicit Deny rule wins; otherwise an
 // explicit Allow rule allows; otherwise the gateway host's own addresses and
 // the default ranges (unspecified, this-network, loopback, link-local,
 // private, unique local, CGNAT, multicast, broadcast) are denied, in their
-// IPv4-mapped IPv6 forms too; everything else is allowed.
+// IPv4-mapped IPv6 forms too; everything else is allowed. The host's own
+// addresses and broadcast addresses (255.255.255.255, and that of each of
+// the host's IPv4 subnets) are opened only by an Allow rule that names
+// the address itself (a /32 or /128), not by a range that contains it.
 //
 // Check knows nothing of peers; CheckPeer applies a peer's own rules first.
 func (p *Policy) Check(proto Proto, dst netip.AddrPort) error {
@@ -382,8 +474,9 @@ func (p *Policy) CheckPeer(peer string, proto Proto, dst netip.AddrPort) error {
 					Reason: "deny rule " + r.deny[i].String() + " of peer " + peer}
 			}
 		}
+		guarded := p.guarded(addr)
 		for i := range r.allow {
-			if r.allow[i].match(proto, addr, port) {
+			if r.allow[i].allows(proto, addr, port, guarded) {
 				return nil
 			}
 		}
@@ -406,13 +499,14 @@ func (p *Policy) check(proto Proto, dst netip.AddrPort, addr netip.Addr) *Denied
 			return &DeniedError{Dest: dst, Proto: proto, Reason: "deny rule " + p.deny[i].String()}
 		}
 	}
+	guarded := p.guarded(addr)
 	for i := range p.allow {
-		if p.allow[i].match(proto, addr, port) {
+		if p.allow[i].allows(proto, addr, port, guarded) {
 			return nil
 		}
 	}
-	if _, ok := p.local[addr]; ok {
-		return &DeniedError{Dest: dst, Proto: proto, Reason: "address of the gateway host " + addr.String()}
+	if guarded {
+		return &DeniedError{Dest: dst, Proto: proto, Reason: p.guardReason(addr)}
 	}
 	for i := range defaultDeny {
 		if defaultDeny[i].prefix.Contains(addr) {
