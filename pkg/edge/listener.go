@@ -84,6 +84,9 @@ func (c *trackedConn) Close() error {
 	return err
 }
 
+// NetConn is the connection c wraps: what a relay resets.
+func (c *trackedConn) NetConn() net.Conn { return c.Conn }
+
 // CloseWrite half-closes the connection where the transport can.
 func (c *trackedConn) CloseWrite() error {
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {

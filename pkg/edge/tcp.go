@@ -3,7 +3,6 @@ package edge
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"time"
@@ -12,6 +11,7 @@ import (
 
 	"github.com/sluice-vpn/sluice/pkg/edge/registry"
 	"github.com/sluice-vpn/sluice/pkg/expose"
+	bytecopy "github.com/sluice-vpn/sluice/relay"
 )
 
 // serveTCP accepts the connections of a TCP route until its listener
@@ -130,32 +130,10 @@ func (e *Edge) dialTCP(l *listener, host string, st *hostStats, client netip.Add
 }
 
 // relay copies both ways until both directions are done. The end of one
-// direction is passed on as a half-close where both connections can
-// express it; otherwise, or on an error, both connections are closed,
-// which ends the other direction too.
+// direction is passed on as a half-close; an error either way resets
+// both.
 func relay(client, up net.Conn) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		pipe(up, client)
-	}()
-	pipe(client, up)
-	<-done
-}
-
-// pipe copies from src to dst, then half-closes dst, or closes both if
-// it cannot.
-func pipe(dst, src net.Conn) {
-	buf := copyBufferPool.Get().([]byte)
-	_, err := io.CopyBuffer(dst, src, buf)
-	copyBufferPool.Put(buf)
-	if err == nil {
-		if cw, ok := dst.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
-			return
-		}
-	}
-	dst.Close()
-	src.Close()
+	bytecopy.Run(context.Background(), client, up, bytecopy.Options{})
 }
 
 // addrPortOf is the address of a TCP endpoint, without IPv6 zone (see

@@ -135,6 +135,9 @@ func (c *upstreamConn) Close() error {
 	return c.Conn.Close()
 }
 
+// NetConn is the connection c wraps: what a relay resets.
+func (c *upstreamConn) NetConn() net.Conn { return c.Conn }
+
 func (c *upstreamConn) CloseWrite() error {
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
