@@ -197,6 +197,11 @@ type Limits struct {
 	// MaxFlows is the most flows the peer may have open at once
 	// (max_flows) [4096].
 	MaxFlows int
+	// MaxHandshakes is the most TCP handshakes the peer may have in
+	// flight at once, each holding a connection to its destination until
+	// the client completes it (max_handshakes) [128]. Its SYNs beyond
+	// that are answered with a RST.
+	MaxHandshakes int
 }
 
 // PeerPolicy is what one peer gets beyond the global policy.
@@ -271,7 +276,7 @@ const (
 )
 
 // DefaultLimits are the per-peer limits when the file sets none.
-var DefaultLimits = Limits{NewFlowsPerSecond: 100, Burst: 200, MaxFlows: 4096}
+var DefaultLimits = Limits{NewFlowsPerSecond: 100, Burst: 200, MaxFlows: 4096, MaxHandshakes: 128}
 
 // DefaultTimeouts are the connection table's idle timeouts, those of Linux
 // conntrack.

@@ -56,7 +56,7 @@ func TestDefaults(t *testing.T) {
 	check("egress.udp_filtering", c.Egress.UDPFiltering, nat.FilterAddressPortDependent)
 	check("policy.allow", len(c.Policy.Allow), 0)
 	check("policy.deny", len(c.Policy.Deny), 0)
-	check("policy.limits", c.Policy.Limits, Limits{NewFlowsPerSecond: 100, Burst: 200, MaxFlows: 4096})
+	check("policy.limits", c.Policy.Limits, Limits{NewFlowsPerSecond: 100, Burst: 200, MaxFlows: 4096, MaxHandshakes: 128})
 	check("policy.peers", len(c.Policy.Peers), 0)
 	check("table.max_flows", c.Table.MaxFlows, 65536)
 	check("table.timeouts", c.Table.Timeouts, nat.Timeouts{
@@ -128,17 +128,17 @@ func TestExample(t *testing.T) {
 		{Proto: nat.UDP, Prefix: netip.MustParsePrefix("fd00::53/128"), Ports: nat.PortRange{Lo: 53, Hi: 53}},
 	})
 	check("policy.deny", c.Policy.Deny, []nat.Rule{{Prefix: netip.MustParsePrefix("10.1.2.0/24")}})
-	check("policy.limits", c.Policy.Limits, Limits{NewFlowsPerSecond: 50, Burst: 100, MaxFlows: 2048})
+	check("policy.limits", c.Policy.Limits, Limits{NewFlowsPerSecond: 50, Burst: 100, MaxFlows: 2048, MaxHandshakes: 64})
 	check("policy.peers.laptop", c.Policy.Peers["laptop"], PeerPolicy{
 		Allow:  []nat.Rule{{Prefix: netip.MustParsePrefix("192.168.1.0/24")}},
 		Deny:   []nat.Rule{{Proto: nat.ICMP, Prefix: netip.MustParsePrefix("0.0.0.0/0")}},
-		Limits: &Limits{NewFlowsPerSecond: 10, Burst: 20, MaxFlows: 100},
+		Limits: &Limits{NewFlowsPerSecond: 10, Burst: 20, MaxFlows: 100, MaxHandshakes: 16},
 	})
 	// Keys a peer's limits leave out come from policy.limits, which the
 	// file gives before peers here; TestPeerLimitsInherit covers the
 	// other order.
 	check("policy.peers.build-server", c.Policy.Peers["build-server"], PeerPolicy{
-		Limits: &Limits{NewFlowsPerSecond: 50, Burst: 100, MaxFlows: 10000},
+		Limits: &Limits{NewFlowsPerSecond: 50, Burst: 100, MaxFlows: 10000, MaxHandshakes: 64},
 	})
 	check("table.max_flows", c.Table.MaxFlows, 131072)
 	check("table.timeouts", c.Table.Timeouts, nat.Timeouts{
@@ -264,7 +264,7 @@ policy:
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := *c.Policy.Peers["a"].Limits, (Limits{NewFlowsPerSecond: 3, Burst: 7, MaxFlows: 5}); got != want {
+	if got, want := *c.Policy.Peers["a"].Limits, (Limits{NewFlowsPerSecond: 3, Burst: 7, MaxFlows: 5, MaxHandshakes: 128}); got != want {
 		t.Errorf("peer a limits = %+v, want %+v", got, want)
 	}
 	if c.Policy.Peers["b"].Limits != nil {
@@ -325,7 +325,7 @@ table:
 	if c.Log.Level != zapcore.WarnLevel || c.Shutdown.Grace != 0 {
 		t.Errorf("log.level = %v, shutdown.grace = %v", c.Log.Level, c.Shutdown.Grace)
 	}
-	if c.Policy.Limits != (Limits{NewFlowsPerSecond: 0.5, Burst: 1000, MaxFlows: 16}) {
+	if c.Policy.Limits != (Limits{NewFlowsPerSecond: 0.5, Burst: 1000, MaxFlows: 16, MaxHandshakes: 128}) {
 		t.Errorf("policy.limits = %+v", c.Policy.Limits)
 	}
 	if c.Table.Timeouts.TCPEstablished != 90*time.Minute {

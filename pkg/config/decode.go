@@ -240,6 +240,7 @@ func (d *decoder) limits(l *Limits) fieldFunc {
 		{"new_flows_per_second", d.float(&l.NewFlowsPerSecond)},
 		{"burst", d.integer(&l.Burst)},
 		{"max_flows", d.integer(&l.MaxFlows)},
+		{"max_handshakes", d.integer(&l.MaxHandshakes)},
 	})
 }
 

@@ -86,6 +86,7 @@ type fileLimits struct {
 	NewFlowsPerSecond float64 `yaml:"new_flows_per_second"`
 	Burst             int     `yaml:"burst"`
 	MaxFlows          int     `yaml:"max_flows"`
+	MaxHandshakes     int     `yaml:"max_handshakes"`
 }
 
 type filePeer struct {

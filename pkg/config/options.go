@@ -79,12 +79,15 @@ func (c *Config) Reloadable() service.Reloadable {
 // natLimits maps the file's "zero is no limit" onto nat's, where zero
 // means the default and a negative value no limit.
 func natLimits(l Limits) nat.Limits {
-	n := nat.Limits{NewFlowsPerSecond: l.NewFlowsPerSecond, Burst: l.Burst, MaxFlows: l.MaxFlows}
+	n := nat.Limits{NewFlowsPerSecond: l.NewFlowsPerSecond, Burst: l.Burst, MaxFlows: l.MaxFlows, MaxHandshakes: l.MaxHandshakes}
 	if n.NewFlowsPerSecond == 0 {
 		n.NewFlowsPerSecond = -1
 	}
 	if n.MaxFlows == 0 {
 		n.MaxFlows = -1
+	}
+	if n.MaxHandshakes == 0 {
+		n.MaxHandshakes = -1
 	}
 	return n
 }

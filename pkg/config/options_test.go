@@ -24,7 +24,8 @@ func TestExampleOptions(t *testing.T) {
 	if len(r.Policy.Allow) != len(c.Policy.Allow) || len(r.Policy.Peers) == 0 {
 		t.Errorf("policy %+v", r.Policy)
 	}
-	if r.Limits.Default.MaxFlows != c.Policy.Limits.MaxFlows || len(r.Limits.Peers) == 0 {
+	if r.Limits.Default.MaxFlows != c.Policy.Limits.MaxFlows || r.Limits.Default.MaxHandshakes != 64 ||
+		r.Limits.Peers["laptop"].MaxHandshakes != 16 || len(r.Limits.Peers) == 0 {
 		t.Errorf("limits %+v", r.Limits)
 	}
 }
@@ -35,7 +36,7 @@ func TestZeroLimitsMeanUnlimited(t *testing.T) {
 	c := Default()
 	c.Policy.Limits = Limits{}
 	l := c.Reloadable().Limits.Default
-	if l.NewFlowsPerSecond >= 0 || l.MaxFlows >= 0 {
+	if l.NewFlowsPerSecond >= 0 || l.MaxFlows >= 0 || l.MaxHandshakes >= 0 {
 		t.Fatalf("zero limits became %+v", l)
 	}
 	c.Admin.Listen = netip.MustParseAddrPort("127.0.0.1:9090")

@@ -247,6 +247,9 @@ func (l *Limits) validate(p *problems, field string) {
 	if l.MaxFlows < 0 {
 		p.add(field+".max_flows", "%d is negative", l.MaxFlows)
 	}
+	if l.MaxHandshakes < 0 {
+		p.add(field+".max_handshakes", "%d is negative", l.MaxHandshakes)
+	}
 }
 
 // checkPeerName enforces the state's rule for peer names, so that a name
