@@ -15,13 +15,15 @@ const (
 
 // ICMP types.
 const (
-	icmpv4EchoReply   = 0
-	icmpv4Unreachable = 3
-	icmpv4Echo        = 8
-	icmpv6Unreachable = 1
-	icmpv6TooBig      = 2
-	icmpv6Echo        = 128
-	icmpv6EchoReply   = 129
+	icmpv4EchoReply    = 0
+	icmpv4Unreachable  = 3
+	icmpv4Echo         = 8
+	icmpv4TimeExceeded = 11
+	icmpv6Unreachable  = 1
+	icmpv6TooBig       = 2
+	icmpv6TimeExceeded = 3
+	icmpv6Echo         = 128
+	icmpv6EchoReply    = 129
 )
 
 // packetInfo is what inspect learns from a packet's fixed IP header.

@@ -282,6 +282,9 @@ func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 			segs = gsoSegments(&vh, len(b))
 		}
 		s.packetsIn.Add(1)
+		if s.hopExpired(b, pi) {
+			continue
+		}
 		if pi.version == 4 {
 			s.link.deliver(in, header.IPv4ProtocolNumber, b, segs)
 			continue

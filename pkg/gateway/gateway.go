@@ -196,12 +196,13 @@ func New(opts Options) (srv *Server, err error) {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	s.udp, err = nat.NewUDP(nat.UDPOptions{
-		Listener:  s.egress,
-		Table:     s.table,
-		Filtering: opts.UDPFiltering,
-		Deliver:   s.deliverUDP,
-		Admit:     s.admitUDP,
-		Logger:    log.Named("udp"),
+		Listener:     s.egress,
+		Table:        s.table,
+		Filtering:    opts.UDPFiltering,
+		Deliver:      s.deliverUDP,
+		DeliverError: s.deliverUDPError,
+		Admit:        s.admitUDP,
+		Logger:       log.Named("udp"),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)

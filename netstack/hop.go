@@ -1,0 +1,67 @@
+package netstack
+
+import "net/netip"
+
+// A Router is a Handler that makes the stack a hop on its clients' paths,
+// as a gateway is: a packet that reaches it with its TTL (hop limit) at 1
+// or 0, and that is to be passed on rather than taken by the gateway
+// itself, goes no further and is answered with ICMP time exceeded from the
+// gateway's own address, as a router answers (which is what traceroute
+// shows as the gateway's hop).
+type Router interface {
+	// RouterAddr returns the address to answer a packet from src to dst
+	// from, or the zero Addr if dst is the gateway's own (the packet has
+	// arrived, whatever its TTL) or the gateway has no address in src's
+	// family (then the packet is passed on as it is).
+	RouterAddr(src, dst netip.Addr) netip.Addr
+}
+
+// hopExpired reports whether a client's packet ran out of TTL at the
+// gateway, and answers it if so. It is not answered if it is itself an
+// ICMP error (RFC 1122 3.2.2), nor if it is a fragment after the first,
+// whose sender hears of the first.
+func (s *Stack) hopExpired(b []byte, pi packetInfo) bool {
+	var ttl uint8
+	if pi.version == 4 {
+		ttl = b[8]
+	} else {
+		ttl = b[7]
+	}
+	if ttl > 1 {
+		return false
+	}
+	r, ok := s.opts.Handler.(Router)
+	if !ok {
+		return false
+	}
+	from := r.RouterAddr(pi.src, pi.dst)
+	if !from.IsValid() {
+		return false
+	}
+	if pi.dst.IsMulticast() || (pi.version == 4 && isLaterFragment(b)) || isICMPError(b, pi) {
+		return true
+	}
+	s.sendICMP(b, from, timeExceeded) // it quotes what fits
+	return true
+}
+
+// isLaterFragment reports whether an IPv4 packet is a fragment with a
+// non-zero offset.
+func isLaterFragment(b []byte) bool { return (uint16(b[6])<<8|uint16(b[7]))&0x1fff != 0 }
+
+// isICMPError reports whether a packet is an ICMP error message, which
+// no ICMP error may answer. IPv6 extension headers are not followed: a
+// packet with them is taken not to be one.
+func isICMPError(b []byte, pi packetInfo) bool {
+	if len(b) <= pi.hdrLen {
+		return false
+	}
+	t := b[pi.hdrLen]
+	switch {
+	case pi.version == 4 && pi.proto == protoICMPv4:
+		return t != icmpv4Echo && t != icmpv4EchoReply && t < 13 // 13-18 are queries
+	case pi.version == 6 && pi.proto == protoICMPv6:
+		return t < 128
+	}
+	return false
+}
