@@ -53,10 +53,11 @@ func (rl *relay) run(log *zap.Logger) {
 
 // abort resets both sides: the client gets a RST, and so does the
 // destination when the upstream is a TCP socket. It may come before run,
-// during it or after it.
+// during it or after it; a running relay then fails, and closes the
+// client's connection itself (gVisor's Close must not race the relay's
+// reads).
 func (rl *relay) abort() {
 	rl.abortClient()
-	rl.client.Close()
 	bytecopy.Abort(rl.upstream)
 }
 

@@ -173,7 +173,13 @@ func (r *run) failed() bool {
 func (r *run) checkIdle() {
 	quiet := time.Since(r.start) - time.Duration(r.activity.Load())
 	if left := r.opts.IdleTimeout - quiet; left > 0 {
-		r.idle.Reset(left)
+		r.mu.Lock()
+		if !r.done && r.err == nil {
+			// Under the lock, so that no timer is set again after Run's
+			// Stop.
+			r.idle.Reset(left)
+		}
+		r.mu.Unlock()
 		return
 	}
 	r.fail(ErrIdle)
