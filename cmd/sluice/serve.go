@@ -80,7 +80,8 @@ lists, paths and credentials are set in the configuration file (edge:).
 --config FILE reads every option from a YAML file (see sluice config
 check); flags override it. SIGHUP re-reads it: policy and limits change at
 once, and flows the new policy denies are closed. SIGTERM stops taking new
-flows and lets open ones drain for shutdown.grace before closing them.`,
+flows and lets open ones drain for shutdown.grace before closing them; a
+second SIGTERM or SIGINT ends sluice at once.`,
 		Example: `  sluice serve
   sluice serve --config /etc/sluice/sluice.yaml
   sluice serve --listen :51821 --endpoint vpn.example.com:51821 --state /srv/sluice
