@@ -78,7 +78,9 @@ func (d *decoder) document(data []byte) (*yaml.Node, error) {
 	case errors.Is(err, io.EOF):
 		return nil, nil
 	case err != nil:
-		e := &FieldError{Msg: strings.TrimPrefix(err.Error(), "yaml: ")}
+		// yaml.v3 leaves the line out when its 0-based mark is 0: the
+		// problem is on the first line.
+		e := &FieldError{Line: 1, Msg: strings.TrimPrefix(err.Error(), "yaml: ")}
 		if m := yamlLine.FindStringSubmatch(err.Error()); m != nil {
 			e.Line, _ = strconv.Atoi(m[1])
 			e.Msg = m[2]
