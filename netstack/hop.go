@@ -16,6 +16,32 @@ type Router interface {
 	RouterAddr(src, dst netip.Addr) netip.Addr
 }
 
+// stopsHere reports whether a client's packet goes no further than the
+// gateway, as a router would stop it, and answers it if a router would.
+func (s *Stack) stopsHere(b []byte, pi packetInfo) bool {
+	return s.echoToGroup(b, pi) || s.hopExpired(b, pi)
+}
+
+// echoToGroup drops and counts echo requests to a broadcast or multicast
+// address: a router passes on neither, and the gateway, which relays each
+// ping to one destination and hands back only that destination's reply,
+// has no one destination to ask. (IPv6 multicast echo is also refused in
+// interceptICMPv6.)
+func (s *Stack) echoToGroup(b []byte, pi packetInfo) bool {
+	if !pi.dst.IsMulticast() && pi.dst != netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+		return false
+	}
+	if len(b) <= pi.hdrLen {
+		return false
+	}
+	if pi.version == 4 && pi.proto == protoICMPv4 && b[pi.hdrLen] == icmpv4Echo ||
+		pi.version == 6 && pi.proto == protoICMPv6 && b[pi.hdrLen] == icmpv6Echo {
+		s.unsupported.Add(1)
+		return true
+	}
+	return false
+}
+
 // hopExpired reports whether a client's packet ran out of TTL at the
 // gateway, and answers it if so. It is not answered if it is itself an
 // ICMP error (RFC 1122 3.2.2), nor if it is a fragment after the first,

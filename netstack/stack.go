@@ -282,7 +282,7 @@ func (s *Stack) Write(bufs [][]byte, offset int) (int, error) {
 			segs = gsoSegments(&vh, len(b))
 		}
 		s.packetsIn.Add(1)
-		if s.hopExpired(b, pi) {
+		if s.stopsHere(b, pi) {
 			continue
 		}
 		if pi.version == 4 {
