@@ -37,6 +37,16 @@ const exhaustionWarnEvery = 10 * time.Second
 // requested destination.
 var ErrPortsExhausted = errors.New("nat: egress ports exhausted")
 
+// ErrFileReserve is returned (wrapped) by Egress.DialTCP and
+// Egress.ListenUDP when the process is so close to its open file limit
+// that a new socket would use one of the descriptors kept in reserve
+// (EgressOptions.FileReserve).
+var ErrFileReserve = errors.New("nat: egress: the open file limit is near; the last descriptors are kept for the admin API")
+
+// DefaultFileReserve is how many descriptors below the open file limit
+// egress sockets leave free when EgressOptions.FileReserve is zero.
+const DefaultFileReserve = 64
+
 // EgressOptions configures an Egress. The zero value is a usable pool: the
 // kernel picks the source address, ports come from DefaultEgressPorts, and
 // the instance is the only shard.
@@ -77,6 +87,12 @@ type EgressOptions struct {
 	// the host's ephemeral range (the kernel only narrows that range, it
 	// does not leave it).
 	ExplicitBind bool
+
+	// FileReserve is how many descriptors below the open file limit
+	// (RLIMIT_NOFILE) the pool leaves free [DefaultFileReserve]; negative
+	// keeps none. A socket that lands in the reserve is closed at once
+	// and the dial fails with ErrFileReserve. See fileGuard for why.
+	FileReserve int
 
 	// Logger receives the pool's warnings; nil means no logs.
 	Logger *zap.Logger
@@ -126,6 +142,7 @@ type Egress struct {
 	v4, v6       netip.Addr // invalid when the family has no configured address
 	anyAddr      bool       // no configured addresses: bind to the unspecified address
 	dialTimeout  time.Duration
+	fileReserve  int // 0: none
 	keepAlive    net.KeepAliveConfig
 	keepAliveOff time.Duration // -1 when keepAlive is off, as net.Dialer wants it
 
@@ -183,6 +200,12 @@ func NewEgress(opts EgressOptions) (*Egress, error) {
 	}
 	if e.dialTimeout < 0 {
 		return nil, fmt.Errorf("nat: EgressOptions.DialTimeout %v is negative", opts.DialTimeout)
+	}
+	switch {
+	case opts.FileReserve == 0:
+		e.fileReserve = DefaultFileReserve
+	case opts.FileReserve > 0:
+		e.fileReserve = opts.FileReserve
 	}
 	switch ka := opts.KeepAlive; {
 	case ka < 0:
@@ -353,7 +376,7 @@ func (e *Egress) dialTCP(ctx context.Context, dst netip.AddrPort) (*net.TCPConn,
 // dialKernel lets connect(2) pick the port inside the slice, sharing a port
 // between connections to different destinations.
 func (e *Egress) dialKernel(ctx context.Context, dst netip.AddrPort, local netip.Addr) (*net.TCPConn, error) {
-	d := net.Dialer{Control: kernelRangeControl(e.slice, true), KeepAlive: e.keepAliveOff, KeepAliveConfig: e.keepAlive}
+	d := net.Dialer{Control: e.fileGuard(kernelRangeControl(e.slice, true)), KeepAlive: e.keepAliveOff, KeepAliveConfig: e.keepAlive}
 	if !e.anyAddr {
 		// With IP_BIND_ADDRESS_NO_PORT this bind fixes only the address;
 		// the port is chosen by connect, for this destination.
@@ -381,7 +404,7 @@ func (e *Egress) dialExplicit(ctx context.Context, dst netip.AddrPort, local net
 		port := uint16(int(e.slice.Lo) + (start+i)%n)
 		d := net.Dialer{
 			LocalAddr:       net.TCPAddrFromAddrPort(netip.AddrPortFrom(local, port)),
-			Control:         reuseAddrControl,
+			Control:         e.fileGuard(reuseAddrControl),
 			KeepAlive:       e.keepAliveOff,
 			KeepAliveConfig: e.keepAlive,
 		}
@@ -420,7 +443,7 @@ func (e *Egress) listenUDP(ctx context.Context, dst netip.Addr) (*net.UDPConn, e
 		return nil, err
 	}
 	if e.kernelPorts.Load() {
-		lc := net.ListenConfig{Control: kernelRangeControl(e.slice, false)}
+		lc := net.ListenConfig{Control: e.fileGuard(kernelRangeControl(e.slice, false))}
 		pc, err := lc.ListenPacket(ctx, network("udp", dst), netip.AddrPortFrom(local, 0).String())
 		if err != nil {
 			if syscallErrno(err, "bind") == syscall.EADDRINUSE {
@@ -449,7 +472,7 @@ func (e *Egress) listenUDP(ctx context.Context, dst netip.Addr) (*net.UDPConn, e
 func (e *Egress) listenExplicit(ctx context.Context, dst, local netip.Addr) (*net.UDPConn, error) {
 	n := e.slice.Len()
 	start := rand.IntN(n)
-	var lc net.ListenConfig
+	lc := net.ListenConfig{Control: e.fileGuard(nil)}
 	for i := range n {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -507,6 +530,11 @@ func (e *Egress) releaseUDP(slot udpSlot, ts *trackedSocket) {
 
 // failed counts and, for exhaustion, reports err.
 func (e *Egress) failed(err error) error {
+	if errors.Is(err, ErrFileReserve) {
+		// Neither the destination's fault nor the slice's; the
+		// gateway counts and logs it as a refusal of its own.
+		return err
+	}
 	if !errors.Is(err, ErrPortsExhausted) {
 		e.dialErrors.Add(1)
 		return err
@@ -698,4 +726,43 @@ func (r *rateLimit) allow(now time.Time, every time.Duration) (bool, int) {
 	n := r.suppressed
 	r.last, r.suppressed = now, 0
 	return true, n
+}
+
+// fileGuard wraps a socket's Control function so that a socket whose
+// descriptor falls in the reserve below the open file limit is refused
+// (the net package closes it).
+//
+// At the limit, the one thing an operator needs is the admin API, to see
+// and delete the flows that hold the descriptors; but accept(2) on its
+// listener fails with EMFILE like everything else. Flows are what use
+// descriptors up, each holding an egress socket, so the reserve is kept
+// here, where flows get their descriptors: the kernel hands out the
+// lowest free descriptor, so a new socket numbered at or above limit -
+// reserve means that every descriptor below that is in use, and the
+// reserve is all that is left. Refusing that socket keeps the reserve
+// free, with no extra system call and no count to keep in step. The
+// alternative, a spare descriptor that the admin listener closes to
+// accept when it meets EMFILE, races every other goroutine for the slot
+// it frees: at the limit, flows are trying to open sockets all the time,
+// and one of them would likely win it.
+func (e *Egress) fileGuard(inner func(network, address string, c syscall.RawConn) error) func(network, address string, c syscall.RawConn) error {
+	if e.fileReserve <= 0 {
+		return inner
+	}
+	return func(network, address string, c syscall.RawConn) error {
+		limit := fileLimit()
+		var inReserve bool
+		if err := c.Control(func(fd uintptr) {
+			inReserve = limit > 0 && int64(fd) >= limit-int64(e.fileReserve)
+		}); err != nil {
+			return err
+		}
+		if inReserve {
+			return fmt.Errorf("%w (limit %d, reserve %d)", ErrFileReserve, limit, e.fileReserve)
+		}
+		if inner == nil {
+			return nil
+		}
+		return inner(network, address, c)
+	}
 }

@@ -2,6 +2,7 @@ package nat
 
 import (
 	"fmt"
+	"math"
 	"os"
 	"strings"
 	"syscall"
@@ -85,4 +86,15 @@ func reuseAddrControl(network, address string, c syscall.RawConn) error {
 		return err
 	}
 	return serr
+}
+
+// fileLimit is the soft limit on open files, read each time so that a
+// change after the pool was made (sluice serve raises it) counts; 0 if
+// unknown.
+func fileLimit() int64 {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil || lim.Cur > math.MaxInt64 {
+		return 0
+	}
+	return int64(lim.Cur)
 }

@@ -35,11 +35,12 @@ const (
 	RefusedPorts           // the egress slice has no free port
 	RefusedDial            // the destination refused or did not answer
 	RefusedDraining        // the gateway is shutting down
+	RefusedFiles           // the open file limit is near: the rest is kept for the admin API
 	numRefusals
 )
 
 // RefusalNames name the refusal reasons, by index.
-var RefusalNames = [numRefusals]string{"policy", "limit", "port_exhaustion", "dial_error", "draining"}
+var RefusalNames = [numRefusals]string{"policy", "limit", "port_exhaustion", "dial_error", "draining", "file_limit"}
 
 var errDraining = errors.New("gateway: shutting down, no new flows")
 
@@ -58,6 +59,10 @@ func (s *Server) refuse(err error, limit netstack.Refusal) error {
 		return netstack.Refuse(limit, err)
 	case errors.Is(err, nat.ErrPortsExhausted):
 		s.refusals[RefusedPorts].Add(1)
+		return netstack.Refuse(limit, err)
+	case errors.Is(err, nat.ErrFileReserve):
+		s.refusals[RefusedFiles].Add(1)
+		s.logLimit(err)
 		return netstack.Refuse(limit, err)
 	case errors.Is(err, errDraining):
 		s.refusals[RefusedDraining].Add(1)
