@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/net/icmp"
@@ -76,6 +77,19 @@ type Pinger struct {
 	// noDatagram makes probes skip unprivileged sockets, so that tests
 	// can reach the raw path on hosts that allow both.
 	noDatagram bool
+	// reprobe, when set, replaces pingReprobe, for tests.
+	reprobe time.Duration
+}
+
+// pingReprobe is how long a family found unavailable stays so before an
+// echo probes it again.
+const pingReprobe = 10 * time.Second
+
+func (p *Pinger) reprobeEvery() time.Duration {
+	if p.reprobe > 0 {
+		return p.reprobe
+	}
+	return pingReprobe
 }
 
 type pingMode uint8
@@ -100,9 +114,10 @@ func (m pingMode) String() string {
 
 // pingFamily is the outcome of probing one address family.
 type pingFamily struct {
-	v6   bool
-	mode pingMode
-	err  error // why the family is unavailable
+	v6     bool
+	mode   pingMode
+	err    error     // why the family is unavailable
+	probed time.Time // an unavailable family is probed again pingReprobe later
 
 	// Raw mode only: the shared socket, and its sessions by destination
 	// and wire identifier (guarded by Pinger.mu).
@@ -210,7 +225,38 @@ func (p *Pinger) session(peer string, key Key) (*pingSession, error) {
 	if err != nil {
 		return nil, err
 	}
-	return p.newSession(fam, peer, key)
+	s, err := p.newSession(fam, peer, key)
+	if err != nil && errors.Is(err, errPingRevoked) {
+		// The host took back what the probe found (ping_group_range
+		// changed): probe again, and use what is allowed now.
+		p.forget(fam)
+		if fam, err = p.family(key.Dest.Addr().Is6()); err != nil {
+			return nil, err
+		}
+		s, err = p.newSession(fam, peer, key)
+	}
+	return s, err
+}
+
+// errPingRevoked is a datagram socket refused after the probe allowed it.
+var errPingRevoked = errors.New("unprivileged ICMP sockets no longer allowed")
+
+// forget drops a family's probe, so that the next echo probes again.
+// Only families without a shared socket are forgotten: a raw socket keeps
+// working whatever the sysctl says. Called with createMu held.
+func (p *Pinger) forget(fam *pingFamily) {
+	if fam.raw != nil {
+		return
+	}
+	i := 0
+	if fam.v6 {
+		i = 1
+	}
+	p.mu.Lock()
+	if p.fams[i] == fam {
+		p.fams[i] = nil
+	}
+	p.mu.Unlock()
 }
 
 func (p *Pinger) lookup(key Key) (*pingSession, error) {
@@ -234,6 +280,11 @@ func (p *Pinger) family(v6 bool) (*pingFamily, error) {
 	}
 	p.mu.Lock()
 	fam := p.fams[i]
+	if fam != nil && fam.mode == pingUnavailable && time.Since(fam.probed) >= p.reprobeEvery() {
+		// The host may allow it now: ping_group_range is a sysctl that
+		// can change at any time, and so can our capabilities.
+		fam = nil
+	}
 	p.mu.Unlock()
 	if fam == nil {
 		var err error
@@ -266,7 +317,7 @@ func (p *Pinger) family(v6 bool) (*pingFamily, error) {
 // shortage (descriptors, memory) is returned as an error and leaves the
 // family unprobed, since it says nothing about permissions.
 func (p *Pinger) probe(v6 bool) (*pingFamily, error) {
-	fam := &pingFamily{v6: v6}
+	fam := &pingFamily{v6: v6, probed: time.Now()}
 	var dgramErr error
 	if !p.noDatagram {
 		s, err := openICMP(v6, false)
@@ -314,6 +365,9 @@ func (p *Pinger) newSession(fam *pingFamily, peer string, key Key) (*pingSession
 	case pingDatagram:
 		sock, err := openICMP(fam.v6, false)
 		if err != nil {
+			if errNotPermitted(err) {
+				err = fmt.Errorf("%w: %w", errPingRevoked, err)
+			}
 			return nil, fmt.Errorf("nat: ping: open socket for %s: %w", dst, err)
 		}
 		id, err := sock.localID()
