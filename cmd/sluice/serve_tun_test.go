@@ -496,7 +496,8 @@ func e2eAdminAPI(t *testing.T, ctx context.Context, topo *e2eTopology, bin, sock
 		t.Errorf("GET /v1/peers of a TUN gateway: %v, want an error that says TUN mode has no peers", err)
 	}
 
-	out, stderr, _, err := wgeSluice(ctx, topo.g, 10*time.Second, bin, "status", "--admin", e2eAdminAddr, "-o", "json")
+	// The TCP listener wants the token that the state directory holds.
+	out, stderr, _, err := wgeSluice(ctx, topo.g, 10*time.Second, bin, "status", "--admin", e2eAdminAddr, "--state", filepath.Dir(sock), "-o", "json")
 	if err != nil {
 		t.Fatalf("sluice status --admin %s: %v: %s", e2eAdminAddr, err, stderr)
 	}
