@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // TestUDPClosedPortGetsPortUnreachable: a datagram to a port nothing
@@ -51,4 +53,45 @@ func TestUDPClosedPortGetsPortUnreachable(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestTunnelMalformedMetric: datagrams to the WireGuard port that are not
+// WireGuard show in sluice_tunnel_malformed_total.
+func TestTunnelMalformedMetric(t *testing.T) {
+	srv := startWireGuard(t)
+	c, err := net.DialUDP("udp", nil, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: srv.ListenPort()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for range 3 {
+		if _, err := c.Write([]byte("not wireguard at all, but long enough to pass the size check")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var got float64
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if got = counterOf(t, srv, "sluice_tunnel_malformed_total"); got == 3 {
+			return
+		}
+	}
+	t.Fatalf("sluice_tunnel_malformed_total = %v, want 3", got)
+}
+
+// counterOf reads an unlabelled counter from the gateway's collector.
+func counterOf(t *testing.T, srv *Server, name string) float64 {
+	t.Helper()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(srv.Collector())
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no %s", name)
+	return 0
 }

@@ -14,7 +14,7 @@ type metricsCollector struct {
 	flows, flowsCreated, refused, peerBytes, peerPackets, peerFlows, wgBytes,
 	handshakeAge, egressPorts, egressSlice, egressConns, inFlight, inFlightDrops,
 	malformed, packets, tableMax, dnsQueries, limited, queueDrops, retransmits,
-	peerHandshakes, handshakesRefused, handshakeTimeouts *prometheus.Desc
+	peerHandshakes, handshakesRefused, handshakeTimeouts, tunnelMalformed *prometheus.Desc
 }
 
 // Collector returns a Prometheus collector of the gateway's metrics.
@@ -49,6 +49,8 @@ func (s *Server) Collector() prometheus.Collector {
 		tableMax:       d("flows_max", "The connection table's size limit."),
 		dnsQueries:     d("dns_queries_total", "DNS queries to the gateway's address, by outcome.", "outcome"),
 		limited:        d("peer_flows_limited_total", "Flows of a peer refused by its limits, by limit (rate, flows, handshakes).", "peer", "limit"),
+		tunnelMalformed: d("tunnel_malformed_total",
+			"WireGuard datagrams dropped because they were not WireGuard messages or failed authentication (bad MAC, a handshake no peer's key opens)."),
 	}
 }
 
@@ -92,6 +94,7 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 
 	if s.wg != nil {
+		counter(c.tunnelMalformed, s.wg.Malformed())
 		if peers, err := s.Peers(); err == nil {
 			for _, p := range peers {
 				counter(c.wgBytes, p.RxBytes, p.Name, "rx")

@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -99,6 +100,8 @@ type Device struct {
 	pub  Key
 	port int
 
+	malformed atomic.Uint64 // see Malformed
+
 	mu     sync.Mutex // serialises configuration changes and Close
 	closed bool
 	peers  map[Key]Peer
@@ -162,7 +165,8 @@ func newDevice(dev tun.Device, opts Options) (*Device, error) {
 	if bind == nil {
 		bind = conn.NewDefaultBind()
 	}
-	d.wg = device.NewDevice(dev, bind, newDeviceLogger(log.Named("wireguard")))
+	bind = &countingBind{Bind: bind, malformed: &d.malformed}
+	d.wg = device.NewDevice(dev, bind, newDeviceLogger(log.Named("wireguard"), &d.malformed))
 	if err := d.wg.IpcSet(uapi.String()); err != nil {
 		d.wg.Close()
 		// When the device is up already, setting the port opens the
@@ -232,6 +236,13 @@ func (d *Device) RemovePeer(pub Key) error {
 	d.forget(pub)
 	return nil
 }
+
+// Malformed counts the datagrams the device dropped because they were not
+// WireGuard messages (too short, an unknown type, the wrong size) or failed
+// authentication (a bad MAC, a handshake that no peer's key opens): what
+// garbage and scans send to the port. Transport messages that fail
+// decryption are not counted: wireguard-go drops them silently.
+func (d *Device) Malformed() uint64 { return d.malformed.Load() }
 
 // Peers returns the state of every peer, ordered by public key.
 func (d *Device) Peers() ([]PeerStats, error) {

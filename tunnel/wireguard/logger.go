@@ -60,7 +60,9 @@ func (l *limiter) allow(now time.Time) (bool, uint64) {
 // wireguard-go reports through it what remote peers and the network do to it
 // (failed sends, undecodable handshakes), which needs attention only when it
 // persists; our own failures reach the caller as returned errors.
-func newDeviceLogger(log *zap.Logger) *device.Logger {
+//
+// Messages in rejectedFormats are counted in rejected, logged or not.
+func newDeviceLogger(log *zap.Logger, rejected *atomic.Uint64) *device.Logger {
 	limits := make(map[string]*limiter, len(perPacketFormats))
 	for _, f := range perPacketFormats {
 		limits[f] = new(limiter)
@@ -69,9 +71,16 @@ func newDeviceLogger(log *zap.Logger) *device.Logger {
 		if !log.Core().Enabled(level) {
 			// Formatting costs even when zap would drop the entry, and some
 			// of these calls sit on the packet path.
-			return device.DiscardLogf
+			return func(format string, _ ...any) {
+				if rejectedFormats[format] {
+					rejected.Add(1)
+				}
+			}
 		}
 		return func(format string, args ...any) {
+			if rejectedFormats[format] {
+				rejected.Add(1)
+			}
 			var fields []zap.Field
 			if l := limits[format]; l != nil {
 				ok, suppressed := l.allow(time.Now())

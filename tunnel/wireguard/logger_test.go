@@ -1,6 +1,7 @@
 package wireguard
 
 import (
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,7 +12,7 @@ import (
 
 func TestDeviceLoggerLevels(t *testing.T) {
 	core, logs := observer.New(zapcore.DebugLevel)
-	l := newDeviceLogger(zap.New(core))
+	l := newDeviceLogger(zap.New(core), new(atomic.Uint64))
 	l.Verbosef("%v - Starting", "peer(abcd…wxyz)")
 	l.Errorf("Failed to set %s", "something")
 	entries := logs.TakeAll()
@@ -30,7 +31,7 @@ func TestDeviceLoggerLevels(t *testing.T) {
 // interval, with a count of what was held back.
 func TestDeviceLoggerPerPacketLimit(t *testing.T) {
 	core, logs := observer.New(zapcore.DebugLevel)
-	l := newDeviceLogger(zap.New(core))
+	l := newDeviceLogger(zap.New(core), new(atomic.Uint64))
 	for range 100 {
 		l.Verbosef("IPv4 packet with disallowed source address from %v", "peer(abcd…wxyz)")
 	}
@@ -57,7 +58,7 @@ func TestDeviceLoggerPerPacketLimit(t *testing.T) {
 // With the level disabled the logger does not even format.
 func TestDeviceLoggerDisabled(t *testing.T) {
 	core, logs := observer.New(zapcore.ErrorLevel)
-	l := newDeviceLogger(zap.New(core))
+	l := newDeviceLogger(zap.New(core), new(atomic.Uint64))
 	if l.Verbosef == nil || l.Errorf == nil {
 		t.Fatal("nil log functions")
 	}
