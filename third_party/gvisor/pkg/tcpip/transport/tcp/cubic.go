@@ -253,6 +253,14 @@ func (c *cubicState) getCwnd(packetsAcked, sndCwnd int, srtt time.Duration) int 
 		// See: https://tools.ietf.org/html/rfc8312#section-4.3
 		cwnd += (wtRtt - cwnd) / cwnd
 	}
+	// sluice: an ACK never shrinks the window in congestion avoidance
+	// (Linux's cubic grows slowly below W(t), it does not shrink). With
+	// W_max near 1 after repeated timeouts, W(t) starts below the
+	// window, and the loop above drove it to 0: no segment could be
+	// sent, and with nothing in flight no timer would ever send one.
+	if cwnd < float64(sndCwnd) {
+		return sndCwnd
+	}
 	return int(cwnd)
 }
 
