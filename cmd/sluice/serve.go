@@ -111,7 +111,7 @@ second SIGTERM or SIGINT ends sluice at once.`,
 	fl.StringArrayVar(&f.deny, "deny", nil, "close a destination; `RULE` is [PROTO/]CIDR[:PORTS] (repeatable)")
 	fl.StringVar(&f.logLevel, "log-level", "info", "log `LEVEL`: debug, info, warn or error")
 	fl.StringVar(&f.admin, "admin", "", "also serve the admin API on TCP `ADDR:PORT` (loopback only, unless --admin-insecure)")
-	fl.BoolVar(&f.adminInsecure, "admin-insecure", false, "allow --admin on an address other than loopback (the API has no authentication)")
+	fl.BoolVar(&f.adminInsecure, "admin-insecure", false, "allow --admin on an address other than loopback (the API is then reachable by others, its token sent in plain text)")
 	fl.StringVar(&f.edgeHTTP, "edge-http", "", "publish peers' services (sluice expose) over HTTP on `[ADDR]:PORT`, routed by Host")
 	fl.StringVar(&f.edgeHTTPS, "edge-https", "", "publish peers' services over HTTPS on `[ADDR]:PORT`, with --edge-cert and --edge-key")
 	fl.StringArrayVar(&f.edgeCerts, "edge-cert", nil, "PEM certificate chain `FILE` for --edge-https, chosen by SNI (repeatable, paired with --edge-key in order)")
