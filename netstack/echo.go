@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -40,8 +41,7 @@ func (s *Stack) handleICMPv4(id stack.TransportEndpointID, pkt *stack.PacketBuff
 
 // interceptICMPv6 takes IPv6 echo requests out of the path into gVisor,
 // which would otherwise answer them itself. It reports whether it consumed
-// the packet. Fragmented ICMPv6 is dropped and counted as unsupported:
-// gVisor would reassemble and answer it.
+// the packet. Fragmented ICMPv6 is reassembled here, for the same reason.
 func (s *Stack) interceptICMPv6(b []byte, pi packetInfo) bool {
 	off, nh := 40, pi.proto
 	for {
@@ -58,11 +58,32 @@ func (s *Stack) interceptICMPv6(b []byte, pi packetInfo) bool {
 				s.malformed.Add(1)
 				return true
 			}
-			if b[off] == protoICMPv6 {
+			if b[off] != protoICMPv6 {
+				return false
+			}
+			msg, ok := s.frag6.add(pi.src, pi.dst, b[off:], time.Now())
+			if !ok {
+				// Counted where gVisor counts the fragments it rejects
+				// (Stats.Malformed): the packet itself parsed.
+				s.stack.Stats().IP.MalformedFragmentsReceived.Increment()
+				return true
+			}
+			if msg == nil {
+				return true // more to come
+			}
+			if len(msg) < header.ICMPv6EchoMinimumSize || msg[0] != icmpv6Echo {
+				// Only echo requests are ours; gVisor would take the
+				// rest whole, not in fragments.
 				s.unsupported.Add(1)
 				return true
 			}
-			return false
+			// What an error quotes: the header as if unfragmented.
+			q := make([]byte, 40, 48)
+			copy(q, b[:40])
+			binary.BigEndian.PutUint16(q[4:6], uint16(len(msg)))
+			q[6] = protoICMPv6
+			s.echoV6(msg, pi, append(q, msg[:8]...))
+			return true
 		case protoICMPv6:
 		default:
 			return false
@@ -72,23 +93,28 @@ func (s *Stack) interceptICMPv6(b []byte, pi packetInfo) bool {
 	if len(b) < off+header.ICMPv6EchoMinimumSize || b[off] != icmpv6Echo {
 		return false
 	}
-	msg := b[off:]
-	srcA, dstA := tcpip.AddrFrom16([16]byte(b[8:24])), tcpip.AddrFrom16([16]byte(b[24:40]))
+	s.echoV6(b[off:], pi, b[:min(len(b), off+8)])
+	return true
+}
+
+// echoV6 hands a client's ICMPv6 echo request, msg, to the handler; q is
+// what an error about it quotes.
+func (s *Stack) echoV6(msg []byte, pi packetInfo, q []byte) {
+	srcA, dstA := tcpip.AddrFrom16(pi.src.As16()), tcpip.AddrFrom16(pi.dst.As16())
 	if checksum.Checksum(msg, header.PseudoHeaderChecksum(header.ICMPv6ProtocolNumber, srcA, dstA, uint16(len(msg)))) != 0xffff || msg[1] != 0 {
 		s.malformed.Add(1)
-		return true
+		return
 	}
 	if pi.dst.IsMulticast() {
 		// The gateway stands in for unicast destinations only.
 		s.unsupported.Add(1)
-		return true
+		return
 	}
 	ident := binary.BigEndian.Uint16(msg[4:6])
 	seq := binary.BigEndian.Uint16(msg[6:8])
 	if err := s.opts.Handler.HandleEcho(pi.src, pi.dst, ident, seq, msg[8:]); err != nil {
-		s.refuse(b[:min(len(b), off+8)], err, RefuseDrop)
+		s.refuse(q, err, RefuseDrop)
 	}
-	return true
 }
 
 // WriteEchoReply sends an echo reply to a client: src is the destination

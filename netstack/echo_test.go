@@ -1,6 +1,8 @@
 package netstack
 
 import (
+	"bytes"
+	"context"
 	"encoding/binary"
 	"net/netip"
 	"testing"
@@ -87,5 +89,35 @@ func TestBroadcastAndMulticastEchoDropped(t *testing.T) {
 	}
 	if got := s.Stats().Unsupported; got != uint64(len(dsts)) {
 		t.Errorf("Unsupported = %d, want %d", got, len(dsts))
+	}
+}
+
+// TestEchoNeedingFragments: pings larger than the tunnel's MTU cross it
+// in fragments both ways, over IPv4 and IPv6: the client fragments the
+// request, the stack reassembles it, and fragments the reply.
+func TestEchoNeedingFragments(t *testing.T) {
+	dsts := []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")}
+	f := newFixture(t, func(o *Options, h *dialHandler) {
+		for _, a := range dsts {
+			h.echoFor[a] = true
+		}
+	})
+	for _, dst := range dsts {
+		for _, size := range []int{1400, 3000, 9000} {
+			payload := make([]byte, size)
+			for i := range payload {
+				payload[i] = byte(i * 7)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			reply, err := f.client.Ping(ctx, dst, uint16(size), payload)
+			cancel()
+			if err != nil {
+				t.Errorf("ping %s with %d bytes: %v", dst, size, err)
+				continue
+			}
+			if !bytes.Equal(reply, payload) {
+				t.Errorf("ping %s with %d bytes: reply of %d bytes does not match", dst, size, len(reply))
+			}
+		}
 	}
 }

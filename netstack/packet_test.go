@@ -147,9 +147,12 @@ func FuzzStackWrite(f *testing.F) {
 }
 
 // TestICMPv6EchoInterception checks that IPv6 echo requests reach the
-// handler whatever extension headers precede them, that fragmented ones
-// are dropped (gVisor would reassemble and answer them itself), and that
-// the stack sends nothing back on its own.
+// handler whatever extension headers precede them, that fragments of them
+// never reach gVisor (which would reassemble and answer them itself), and
+// that the stack sends nothing back on its own. The seed fragment is a
+// first fragment whose length is not a multiple of 8, which reassembly
+// drops as malformed (RFC 8200 4.5); TestEchoNeedingFragments has the
+// fragments that make a whole request.
 func TestICMPv6EchoInterception(t *testing.T) {
 	h := &refusingHandler{err: Refuse(RefuseDrop, nil)}
 	s, err := New(Options{Handler: h})
@@ -162,8 +165,8 @@ func TestICMPv6EchoInterception(t *testing.T) {
 	if got := h.calls.Load(); got != 2 {
 		t.Errorf("handler saw %d echo requests, want 2", got)
 	}
-	if got := s.Stats().Unsupported; got != 1 {
-		t.Errorf("unsupported: %d, want 1 (the fragment)", got)
+	if st := s.Stats(); st.Malformed != 1 || st.Unsupported != 0 {
+		t.Errorf("malformed: %d, unsupported %d; want 1 (the fragment) and 0", st.Malformed, st.Unsupported)
 	}
 	select {
 	case pkt := <-s.link.out:

@@ -151,6 +151,7 @@ type Stack struct {
 
 	tcp       *tcpForwarder
 	icmpLimit *rate.Limiter
+	frag6     frag6Reassembler // fragmented ICMPv6 echo requests
 
 	malformed   atomic.Uint64
 	packetsIn   atomic.Uint64
