@@ -93,8 +93,14 @@ func (rc *rackControl) update(seg *segment, ackSeg *segment) {
 			if ackSeg.parsedOptions.TSEcr < rc.snd.ep.tsVal(seg.xmitTime) {
 				return
 			}
-		}
-		if rtt < rc.minRTT {
+			// sluice: the echoed timestamp shows that the
+			// retransmission was delivered, so its RTT is no
+			// evidence of a spurious one. A tail loss probe on an
+			// idle path returns faster than the minimum RTT seen
+			// under load; rejecting its SACK left RACK unable to
+			// mark the tail it probed for lost, and recovery
+			// waited for the RTO.
+		} else if rtt < rc.minRTT {
 			return
 		}
 	}
@@ -195,7 +201,11 @@ func (s *sender) probeTimerExpired() tcpip.Error {
 	}
 
 	var dataSent bool
-	if s.writeNext != nil && s.writeNext.xmitCount == 0 && s.Outstanding < s.SndCwnd {
+	// sluice: the probe sends new data if there is any whatever the
+	// congestion window, as Linux's tcp_send_loss_probe does: a new
+	// segment's SACK lets RACK mark the lost tail without ambiguity,
+	// where a retransmission's may be taken for a spurious one.
+	if s.writeNext != nil && s.writeNext.xmitCount == 0 {
 		dataSent = s.maybeSendSegment(s.writeNext, int(s.ep.scoreboard.SMSS()), s.SndUna.Add(s.SndWnd))
 		if dataSent {
 			s.Outstanding += s.pCount(s.writeNext, s.MaxPayloadSize)
