@@ -251,7 +251,30 @@ func NewUDP(opts UDPOptions) (*UDPMapper, error) {
 // when sending failed, and ErrUDPClosed after Close.
 func (u *UDPMapper) Send(peer string, src, dst netip.AddrPort, payload []byte) error {
 	// Replies are matched in the client's family; keep destinations in it.
+	return u.send(peer, src, sameFamily(dst, src.Addr()), payload, 0)
+}
+
+// defaultTTL is the TTL (hop limit) the kernel gives egress datagrams,
+// Linux's default for both.
+const defaultTTL = 64
+
+// SendTTL is SendLater for a datagram that is to leave with TTL (IPv6:
+// hop limit) ttl, what the client gave it less the gateway's own hop. A
+// ttl the kernel's default would not lower (0 for unknown, or 64 and up)
+// changes nothing. A lower one, as traceroute sends, leaves at once and
+// alone with that TTL, so that the routers past the gateway answer it
+// (with time exceeded, which comes back through DeliverError).
+func (u *UDPMapper) SendTTL(peer string, src, dst netip.AddrPort, payload []byte, ttl uint8) error {
+	if ttl == 0 || ttl >= defaultTTL {
+		return u.SendLater(peer, src, dst, payload)
+	}
 	dst = sameFamily(dst, src.Addr())
+	u.flushSource(src) // a NAT keeps a client's datagrams in order
+	return u.send(peer, src, dst, payload, ttl)
+}
+
+// send is Send, with ttl, if not 0, as the datagram's TTL.
+func (u *UDPMapper) send(peer string, src, dst netip.AddrPort, payload []byte, ttl uint8) error {
 	for {
 		m, err := u.mapping(peer, src, dst)
 		if err != nil {
@@ -269,7 +292,7 @@ func (u *UDPMapper) Send(peer string, src, dst netip.AddrPort, payload []byte) e
 		// Counted as seen, like conntrack does, before it leaves: the
 		// reply can come back before the write returns.
 		f.CountOrig(len(payload), 1)
-		if err := m.write(payload, dst); err != nil {
+		if err := m.write(payload, dst, ttl); err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				// The flow expired after flowTo and took the socket
 				// with it.
@@ -285,14 +308,18 @@ func (u *UDPMapper) Send(peer string, src, dst netip.AddrPort, payload []byte) e
 	}
 }
 
-// write sends one datagram to dst. A send can fail with the error an
-// ICMP message left for an earlier datagram (to any destination): the
-// reader reports that one from the error queue, and this datagram is
-// sent again.
-func (m *udpMapping) write(payload []byte, dst netip.AddrPort) error {
-	_, err := m.conn.WriteToUDPAddrPort(payload, dst)
+// write sends one datagram to dst, with TTL ttl unless it is 0. A send
+// can fail with the error an ICMP message left for an earlier datagram
+// (to any destination): the reader reports that one from the error
+// queue, and this datagram is sent again.
+func (m *udpMapping) write(payload []byte, dst netip.AddrPort, ttl uint8) error {
+	var oob []byte
+	if ttl != 0 {
+		oob = ttlControl(dst.Addr().Is4(), ttl)
+	}
+	_, _, err := m.conn.WriteMsgUDPAddrPort(payload, oob, dst)
 	if err != nil && asyncSendError(err) {
-		_, err = m.conn.WriteToUDPAddrPort(payload, dst)
+		_, _, err = m.conn.WriteMsgUDPAddrPort(payload, oob, dst)
 	}
 	return err
 }

@@ -219,7 +219,7 @@ func (m *udpMapping) sendEach(buf []byte, seg int, dst netip.AddrPort) error {
 	var first error
 	for len(buf) > 0 {
 		n := min(seg, len(buf))
-		if err := m.write(buf[:n], dst); err != nil && first == nil {
+		if err := m.write(buf[:n], dst, 0); err != nil && first == nil {
 			first = err
 		}
 		buf = buf[n:]

@@ -191,3 +191,18 @@ func asyncSendError(err error) bool {
 	}
 	return false
 }
+
+// ttlControl is the control message that sets one datagram's TTL (IPv6:
+// hop limit).
+func ttlControl(v4 bool, ttl uint8) []byte {
+	b := make([]byte, unix.CmsgSpace(4))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&b[0]))
+	if v4 {
+		h.Level, h.Type = unix.IPPROTO_IP, unix.IP_TTL
+	} else {
+		h.Level, h.Type = unix.IPPROTO_IPV6, unix.IPV6_HOPLIMIT
+	}
+	h.SetLen(unix.CmsgLen(4))
+	*(*int32)(unsafe.Pointer(&b[unix.CmsgLen(0)])) = int32(ttl)
+	return b
+}

@@ -1,12 +1,17 @@
 package nat
 
 import (
+	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 type icmpReport struct {
@@ -91,4 +96,155 @@ func TestUDPPortUnreachable(t *testing.T) {
 			}
 		})
 	}
+}
+
+// ttlServer is a loopback UDP server that reports the TTL (hop limit) of
+// each datagram it reads.
+func ttlServer(t *testing.T, network, addr string) (netip.AddrPort, <-chan int) {
+	t.Helper()
+	pc, err := net.ListenPacket(network, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := pc.(*net.UDPConn)
+	t.Cleanup(func() { c.Close() })
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) {
+		if network == "udp4" {
+			err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVTTL, 1)
+		} else {
+			err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVHOPLIMIT, 1)
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ttls := make(chan int, 16)
+	go func() {
+		buf, oob := make([]byte, 2048), make([]byte, 128)
+		for {
+			_, oobn, _, _, err := c.ReadMsgUDP(buf, oob)
+			if err != nil {
+				return
+			}
+			ttl := -1
+			cmsgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
+			for _, m := range cmsgs {
+				if (m.Header.Type == unix.IP_TTL || m.Header.Type == unix.IPV6_HOPLIMIT) && len(m.Data) >= 4 {
+					ttl = int(*(*int32)(unsafe.Pointer(&m.Data[0])))
+				}
+			}
+			ttls <- ttl
+		}
+	}()
+	return c.LocalAddr().(*net.UDPAddr).AddrPort(), ttls
+}
+
+// TestUDPSendTTL: a low TTL leaves with the datagram; a high one or none
+// leaves the kernel's default.
+func TestUDPSendTTL(t *testing.T) {
+	for _, fam := range []struct{ network, addr string }{{"udp4", "127.0.0.1:0"}, {"udp6", "[::1]:0"}} {
+		t.Run(fam.network, func(t *testing.T) {
+			f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{})
+			client := client1
+			if fam.network == "udp6" {
+				client = client6
+			}
+			srv, ttls := ttlServer(t, fam.network, fam.addr)
+			for _, tc := range []struct {
+				ttl  uint8
+				want int
+			}{{3, 3}, {1, 1}, {0, defaultTTL}, {127, defaultTTL}, {63, 63}} {
+				if err := f.udp.SendTTL("p", client, srv, []byte("probe"), tc.ttl); err != nil {
+					t.Fatal(err)
+				}
+				f.udp.Flush()
+				select {
+				case got := <-ttls:
+					if got != tc.want {
+						t.Errorf("SendTTL with %d: arrived with TTL %d, want %d", tc.ttl, got, tc.want)
+					}
+				case <-time.After(3 * time.Second):
+					t.Fatalf("SendTTL with %d: nothing arrived", tc.ttl)
+				}
+			}
+		})
+	}
+}
+
+// TestUDPTimeExceeded: a router's time exceeded for a client's datagram
+// is handed on with the router's address. No router runs on loopback, so
+// the test plays one with a raw socket (root only), from 127.0.0.5.
+func TestUDPTimeExceeded(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("sending a router's ICMP error needs a raw socket (root)")
+	}
+	reports := make(chan icmpReport, 8)
+	f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{}, func(o *UDPOptions) {
+		o.DeliverError = func(remote, client netip.AddrPort, payload []byte, e UDPError) {
+			reports <- icmpReport{remote, client, string(payload), e}
+		}
+	})
+	srv, ttls := ttlServer(t, "udp4", "127.0.0.1:0")
+	if err := f.udp.SendTTL("p", client1, srv, []byte("probe"), 2); err != nil {
+		t.Fatal(err)
+	}
+	<-ttls
+	v, ok := f.udp.maps.Load(client1)
+	if !ok {
+		t.Fatal("no mapping")
+	}
+	egress := v.(*udpMapping).egress
+
+	// The datagram as the router saw it, TTL run out, quoted after the
+	// ICMP header.
+	q := make([]byte, 28, 28+5)
+	q[0], q[8], q[9] = 0x45, 1, 17
+	binary.BigEndian.PutUint16(q[2:4], 28+5)
+	copy(q[12:16], egress.Addr().AsSlice())
+	copy(q[16:20], srv.Addr().AsSlice())
+	binary.BigEndian.PutUint16(q[20:22], egress.Port())
+	binary.BigEndian.PutUint16(q[22:24], srv.Port())
+	binary.BigEndian.PutUint16(q[24:26], 8+5)
+	q = append(q, "probe"...)
+	msg := append([]byte{11, 0, 0, 0, 0, 0, 0, 0}, q...)
+	binary.BigEndian.PutUint16(msg[2:4], icmpChecksum(msg))
+
+	router := netip.MustParseAddr("127.0.0.5")
+	rs, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(rs)
+	if err := unix.Bind(rs, &unix.SockaddrInet4{Addr: router.As4()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Sendto(rs, msg, 0, &unix.SockaddrInet4{Addr: egress.Addr().As4()}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-reports:
+		if !r.err.TimeExceeded || r.err.From != router || r.remote != srv || r.client != client1 || r.payload != "probe" {
+			t.Errorf("reported %+v, want time exceeded at %s for %v -> %v", r, router, client1, srv)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("no time exceeded reported")
+	}
+}
+
+func icmpChecksum(b []byte) uint16 {
+	var sum uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return ^uint16(sum)
 }

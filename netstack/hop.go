@@ -16,6 +16,15 @@ type Router interface {
 	RouterAddr(src, dst netip.Addr) netip.Addr
 }
 
+// A TTLHandler is a Handler that is told the TTL (hop limit) each UDP
+// datagram arrived with: the stack calls HandleUDPTTL instead of HandleUDP.
+// A router passes a datagram on with one less, which is what lets
+// traceroute see the hops past the gateway. Datagrams whose TTL runs out
+// at the gateway never reach it (see Router).
+type TTLHandler interface {
+	HandleUDPTTL(src, dst netip.AddrPort, ttl uint8, payload []byte) error
+}
+
 // stopsHere reports whether a client's packet goes no further than the
 // gateway, as a router would stop it, and answers it if a router would.
 func (s *Stack) stopsHere(b []byte, pi packetInfo) bool {
@@ -47,13 +56,7 @@ func (s *Stack) echoToGroup(b []byte, pi packetInfo) bool {
 // ICMP error (RFC 1122 3.2.2), nor if it is a fragment after the first,
 // whose sender hears of the first.
 func (s *Stack) hopExpired(b []byte, pi packetInfo) bool {
-	var ttl uint8
-	if pi.version == 4 {
-		ttl = b[8]
-	} else {
-		ttl = b[7]
-	}
-	if ttl > 1 {
+	if ttlOf(b) > 1 {
 		return false
 	}
 	r, ok := s.opts.Handler.(Router)

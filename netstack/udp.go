@@ -41,10 +41,27 @@ func (s *Stack) handleUDP(id stack.TransportEndpointID, pkt *stack.PacketBuffer)
 
 	src := addrPortFrom(id.RemoteAddress, id.RemotePort)
 	dst := addrPortFrom(id.LocalAddress, id.LocalPort)
-	if err := s.opts.Handler.HandleUDP(src, dst, payload); err != nil {
+	var err error
+	if th, ok := s.opts.Handler.(TTLHandler); ok {
+		err = th.HandleUDPTTL(src, dst, ttlOf(pkt.NetworkHeader().Slice()), payload)
+	} else {
+		err = s.opts.Handler.HandleUDP(src, dst, payload)
+	}
+	if err != nil {
 		s.refuse(quote(pkt), err, RefuseReset)
 	}
 	return true
+}
+
+// ttlOf returns the TTL (hop limit) in an IP header.
+func ttlOf(nh []byte) uint8 {
+	switch {
+	case len(nh) >= 20 && nh[0]>>4 == 4:
+		return nh[8]
+	case len(nh) >= 40 && nh[0]>>4 == 6:
+		return nh[7]
+	}
+	return 0
 }
 
 // refuse answers a refused packet, quoted in q, with the ICMP error that

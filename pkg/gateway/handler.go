@@ -151,6 +151,13 @@ func (h *handler) AdmitHandshake(src netip.AddrPort) (func(), error) {
 }
 
 func (h *handler) HandleUDP(src, dst netip.AddrPort, payload []byte) error {
+	return h.HandleUDPTTL(src, dst, 0, payload)
+}
+
+// HandleUDPTTL implements netstack.TTLHandler: the datagram leaves with
+// the TTL it came with less the gateway's hop, when that is lower than
+// the kernel's default (traceroute's probes); ttl 0 is unknown.
+func (h *handler) HandleUDPTTL(src, dst netip.AddrPort, ttl uint8, payload []byte) error {
 	s := (*Server)(h)
 	if s.own[dst.Addr().Unmap()] {
 		return s.dns.query(src, dst, payload)
@@ -164,7 +171,10 @@ func (h *handler) HandleUDP(src, dst netip.AddrPort, payload []byte) error {
 	}
 	// Datagrams wait for the end of the tunnel's batch (FlushBatch), so
 	// that a run of them to one destination leaves in one UDP GSO send.
-	if err := h.udp.SendLater(peer, src, dst, payload); err != nil {
+	if ttl > 0 {
+		ttl-- // the gateway's hop
+	}
+	if err := h.udp.SendTTL(peer, src, dst, payload, ttl); err != nil {
 		return s.refuse(err, netstack.RefuseHostUnreachable)
 	}
 	return nil

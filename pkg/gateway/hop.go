@@ -11,7 +11,10 @@ import (
 // TTL runs out at it, and passes on the ICMP errors that come back for
 // their datagrams.
 
-var _ netstack.Router = (*handler)(nil)
+var (
+	_ netstack.Router     = (*handler)(nil)
+	_ netstack.TTLHandler = (*handler)(nil)
+)
 
 // RouterAddr implements netstack.Router: the gateway is the first hop of
 // its clients' paths, and answers as one from its own address in the

@@ -1,13 +1,20 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluice-vpn/sluice/nat"
+	"github.com/sluice-vpn/sluice/tunnel/memtun"
 )
 
 // TestUDPClosedPortGetsPortUnreachable: a datagram to a port nothing
@@ -94,4 +101,119 @@ func counterOf(t *testing.T, srv *Server, name string) float64 {
 	}
 	t.Fatalf("no %s", name)
 	return 0
+}
+
+// rawGateway is a gateway on one end of an in-memory tunnel whose other
+// end the test reads and writes packets on itself, for what a client
+// stack would not send: a chosen TTL.
+func rawGateway(t *testing.T) (*Server, *memtun.Device) {
+	t.Helper()
+	a, b, err := memtun.NewPair(memtun.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := New(Options{
+		Device: b,
+		Addrs:  []netip.Addr{netip.MustParseAddr("100.96.0.1")},
+		Egress: nat.EgressOptions{Ports: slice, DialTimeout: time.Second},
+		Policy: nat.PolicyOptions{Allow: loopback},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close(); srv.Close() })
+	return srv, a
+}
+
+// udp4Packet is an IPv4 UDP datagram without a UDP checksum (IPv4 allows
+// none).
+func udp4Packet(src, dst netip.AddrPort, ttl uint8, payload []byte) []byte {
+	b := make([]byte, 28, 28+len(payload))
+	b[0], b[8], b[9] = 0x45, ttl, 17
+	binary.BigEndian.PutUint16(b[2:4], uint16(28+len(payload)))
+	copy(b[12:16], src.Addr().AsSlice())
+	copy(b[16:20], dst.Addr().AsSlice())
+	binary.BigEndian.PutUint16(b[10:12], ipChecksum(b[:20]))
+	binary.BigEndian.PutUint16(b[20:22], src.Port())
+	binary.BigEndian.PutUint16(b[22:24], dst.Port())
+	binary.BigEndian.PutUint16(b[24:26], uint16(8+len(payload)))
+	return append(b, payload...)
+}
+
+func ipChecksum(b []byte) uint16 {
+	var sum uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	return ^uint16(sum)
+}
+
+// readPacket reads the next packet the gateway sends into the tunnel.
+func readPacket(t *testing.T, d *memtun.Device) []byte {
+	t.Helper()
+	got := make(chan []byte, 1)
+	go func() {
+		bufs, sizes := [][]byte{make([]byte, 65535)}, []int{0}
+		if n, err := d.Read(bufs, sizes, 0); err == nil && n == 1 {
+			got <- bufs[0][:sizes[0]]
+		}
+	}()
+	select {
+	case b := <-got:
+		return b
+	case <-time.After(3 * time.Second):
+		t.Fatal("the gateway sent nothing")
+		return nil
+	}
+}
+
+// TestTracerouteThroughGateway: a probe with TTL 1 is answered with time
+// exceeded from the gateway's address; one with TTL 3 leaves the gateway
+// with TTL 2, the next hop's to decrement.
+func TestTracerouteThroughGateway(t *testing.T) {
+	_, dev := rawGateway(t)
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	rc, _ := pc.SyscallConn()
+	rc.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_RECVTTL, 1) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	client := netip.MustParseAddrPort("100.96.0.2:40000")
+
+	probe := udp4Packet(client, srv, 1, []byte("hop 1"))
+	if _, err := dev.Write([][]byte{probe}, 0); err != nil {
+		t.Fatal(err)
+	}
+	got := readPacket(t, dev)
+	if from := netip.AddrFrom4([4]byte(got[12:16])); got[9] != 1 || got[20] != 11 || from != netip.MustParseAddr("100.96.0.1") {
+		t.Fatalf("TTL 1: got protocol %d, ICMP type %d from %s; want time exceeded from the gateway's 100.96.0.1", got[9], got[20], from)
+	}
+	if !bytes.Equal(got[28:28+len(probe)], probe) {
+		t.Error("the time exceeded does not quote the probe")
+	}
+
+	if _, err := dev.Write([][]byte{udp4Packet(client, srv, 3, []byte("hop 3"))}, 0); err != nil {
+		t.Fatal(err)
+	}
+	pc.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf, oob := make([]byte, 64), make([]byte, 64)
+	n, oobn, _, _, err := pc.ReadMsgUDP(buf, oob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmsgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
+	if string(buf[:n]) != "hop 3" || len(cmsgs) != 1 || len(cmsgs[0].Data) < 4 || cmsgs[0].Data[0] != 2 {
+		t.Fatalf("got %q with control %v; want the probe with TTL 2", buf[:n], cmsgs)
+	}
 }
