@@ -1,6 +1,7 @@
 package nat
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -37,6 +38,13 @@ type PingerOptions struct {
 	// the call. Nil drops replies (they are still counted).
 	Deliver func(src, dst netip.Addr, id, seq uint16, payload []byte)
 
+	// DeliverError, if set, hears of the ICMP errors that come back for a
+	// client's echo requests (a router's time exceeded for traceroute, an
+	// unreachable): client and dst are the session's, id the client's
+	// identifier, seq and payload the request's as far as the error
+	// quotes it (payload may be cut short or empty). Called like Deliver.
+	DeliverError func(client, dst netip.Addr, id, seq uint16, payload []byte, e ICMPError)
+
 	// Logger receives the Pinger's rare messages; nil means no logs.
 	Logger *zap.Logger
 }
@@ -56,6 +64,7 @@ type PingerOptions struct {
 type Pinger struct {
 	table   *Table
 	deliver func(src, dst netip.Addr, id, seq uint16, payload []byte)
+	errs    func(client, dst netip.Addr, id, seq uint16, payload []byte, e ICMPError)
 	log     *zap.Logger
 	bufs    sync.Pool // *[]byte of maxICMPMessage, held only while a reply is handled
 
@@ -149,6 +158,7 @@ func NewPinger(opts PingerOptions) (*Pinger, error) {
 	p := &Pinger{
 		table:    opts.Table,
 		deliver:  opts.Deliver,
+		errs:     opts.DeliverError,
 		log:      opts.Logger,
 		sessions: make(map[Key]*pingSession),
 	}
@@ -171,6 +181,18 @@ func NewPinger(opts PingerOptions) (*Pinger, error) {
 // with ErrTableFull when the table is full, and with the socket's error
 // (for instance syscall.ENETUNREACH) when the request cannot be sent.
 func (p *Pinger) Echo(peer string, src, dst netip.Addr, id, seq uint16, payload []byte) error {
+	return p.EchoTTL(peer, src, dst, id, seq, payload, 0)
+}
+
+// EchoTTL is Echo for a request that is to leave with TTL (IPv6: hop
+// limit) ttl, what the client gave it less the gateway's own hop. As for
+// UDPMapper.SendTTL, only a ttl below the kernel's default changes
+// anything: traceroute's, whose answers from the routers on the way come
+// back through PingerOptions.DeliverError.
+func (p *Pinger) EchoTTL(peer string, src, dst netip.Addr, id, seq uint16, payload []byte, ttl uint8) error {
+	if ttl >= defaultTTL {
+		ttl = 0
+	}
 	src, dst = src.Unmap(), dst.Unmap().WithZone("")
 	if !src.IsValid() || !dst.IsValid() || src.Is4() != dst.Is4() {
 		return fmt.Errorf("nat: ping: echo from %s to %s: addresses of one family required", src, dst)
@@ -190,7 +212,7 @@ func (p *Pinger) Echo(peer string, src, dst netip.Addr, id, seq uint16, payload 
 		if err != nil {
 			return fmt.Errorf("nat: ping: echo to %s: %w", dst, err)
 		}
-		err = s.sock.sendTo(msg, dst)
+		err = s.sock.sendTo(msg, dst, ttl)
 		if err == nil {
 			s.flow.CountOrig(len(msg), 1)
 			return nil
@@ -471,8 +493,13 @@ func (p *Pinger) drop(s *pingSession) {
 func (p *Pinger) readDatagram(s *pingSession) {
 	defer p.readers.Done()
 	dst := s.key.Dest.Addr()
+	onErr := func(qe queuedError) {
+		if qe.dst.Addr().Unmap() == dst {
+			p.echoError(s, qe.payload, qe.err)
+		}
+	}
 	for {
-		buf, msg, from, err := s.sock.recv(&p.bufs)
+		buf, msg, from, err := s.sock.recv(&p.bufs, onErr)
 		if err != nil {
 			if !errClosed(err) && !s.dead.Load() {
 				// Not a close of ours: the socket is unusable, so the
@@ -497,7 +524,7 @@ func (p *Pinger) readDatagram(s *pingSession) {
 func (p *Pinger) readRaw(fam *pingFamily) {
 	defer p.readers.Done()
 	for {
-		buf, msg, from, err := fam.raw.recv(&p.bufs)
+		buf, msg, from, err := fam.raw.recv(&p.bufs, nil)
 		if err != nil {
 			if errClosed(err) {
 				return
@@ -511,6 +538,16 @@ func (p *Pinger) readRaw(fam *pingFamily) {
 			p.mu.Unlock()
 			if s != nil && !s.dead.Load() {
 				p.reply(s, msg)
+			}
+		} else if dst, echo, e, ok := quotedEcho(fam.v6, msg); ok {
+			// An error about an echo request: ours if its destination
+			// and identifier are a session's.
+			e.From = from.Unmap()
+			p.mu.Lock()
+			s := fam.sessions[rawKey{dst, binary.BigEndian.Uint16(echo[4:6])}]
+			p.mu.Unlock()
+			if s != nil && !s.dead.Load() {
+				p.echoError(s, echo, e)
 			}
 		}
 		p.bufs.Put(buf)
@@ -527,6 +564,16 @@ func echoReplyID(v6 bool, msg []byte) (uint16, bool) {
 		return 0, false
 	}
 	return uint16(msg[4])<<8 | uint16(msg[5]), true
+}
+
+// echoError delivers an ICMP error about one of session s's requests,
+// echo being the request as far as it came back.
+func (p *Pinger) echoError(s *pingSession, echo []byte, e ICMPError) {
+	if p.errs == nil || len(echo) < 8 {
+		return
+	}
+	seq := binary.BigEndian.Uint16(echo[6:8])
+	p.errs(s.key.Client.Addr(), s.key.Dest.Addr(), s.key.Client.Port(), seq, echo[8:], e)
 }
 
 // reply delivers an echo reply of session s to its client with the

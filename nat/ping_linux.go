@@ -61,6 +61,14 @@ func openICMP(v6, raw bool) (*icmpSocket, error) {
 
 func setupICMP(fd int, v6, raw bool) error {
 	if !raw {
+		// The errors that come back for the requests (a router's time
+		// exceeded for traceroute, unreachables) are queued, not dropped.
+		// Without it pings still work: best effort.
+		if v6 {
+			_ = unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_RECVERR, 1)
+		} else {
+			_ = unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_RECVERR, 1)
+		}
 		// Binding port 0 makes the kernel pick the echo identifier now, so
 		// that it can be recorded before the first request goes out.
 		var sa unix.Sockaddr = &unix.SockaddrInet4{}
@@ -70,20 +78,29 @@ func setupICMP(fd int, v6, raw bool) error {
 		return os.NewSyscallError("bind", unix.Bind(fd, sa))
 	}
 	// A raw socket is woken by every ICMP packet the host receives; the
-	// filter keeps all but echo replies in the kernel.
+	// filter keeps all but echo replies and the errors that may quote a
+	// request (unreachable, time exceeded) in the kernel.
 	if v6 {
 		var f unix.ICMPv6Filter
 		for i := range f.Data {
 			f.Data[i] = ^uint32(0)
 		}
-		const echoReply = 129
-		f.Data[echoReply>>5] &^= 1 << (echoReply & 31)
+		for _, typ := range []int{icmpv6Unreachable, icmpv6TimeExceeded, 129} { // 129: echo reply
+			f.Data[typ>>5] &^= 1 << (typ & 31)
+		}
 		return os.NewSyscallError("setsockopt ICMPV6_FILTER", unix.SetsockoptICMPv6Filter(fd, unix.SOL_ICMPV6, icmpv6Filter, &f))
 	}
-	const echoReply = 0
-	blocked := ^uint32(1 << echoReply)
+	blocked := ^uint32(1<<0 | 1<<icmpv4Unreachable | 1<<icmpv4TimeExceeded) // 0: echo reply
 	return os.NewSyscallError("setsockopt ICMP_FILTER", unix.SetsockoptInt(fd, solRaw, icmpFilter, int(int32(blocked))))
 }
+
+// ICMP error types.
+const (
+	icmpv4Unreachable  = 3
+	icmpv4TimeExceeded = 11
+	icmpv6Unreachable  = 1
+	icmpv6TimeExceeded = 3
+)
 
 // localID returns the echo identifier the kernel assigned to a datagram
 // socket.
@@ -106,18 +123,26 @@ func (s *icmpSocket) localID() (uint16, error) {
 }
 
 // sendTo sends one ICMP message (header included, without IP header) to
-// dst. The kernel fills in the checksum for ICMPv6 and, on datagram
-// sockets, the identifier.
-func (s *icmpSocket) sendTo(msg []byte, dst netip.Addr) error {
+// dst, with TTL (hop limit) ttl unless it is 0. The kernel fills in the
+// checksum for ICMPv6 and, on datagram sockets, the identifier.
+func (s *icmpSocket) sendTo(msg []byte, dst netip.Addr, ttl uint8) error {
 	var sa unix.Sockaddr
 	if s.v6 {
 		sa = &unix.SockaddrInet6{Addr: dst.As16()}
 	} else {
 		sa = &unix.SockaddrInet4{Addr: dst.As4()}
 	}
+	var oob []byte
+	if ttl != 0 {
+		oob = ttlControl(!s.v6, ttl)
+	}
 	var serr error
 	err := s.rc.Write(func(fd uintptr) bool {
-		serr = unix.Sendto(int(fd), msg, 0, sa)
+		if oob == nil {
+			serr = unix.Sendto(int(fd), msg, 0, sa)
+		} else {
+			serr = unix.Sendmsg(int(fd), msg, oob, sa, 0)
+		}
 		return serr != unix.EAGAIN
 	})
 	if err != nil {
@@ -129,20 +154,48 @@ func (s *icmpSocket) sendTo(msg []byte, dst netip.Addr) error {
 // recv waits for the next datagram and returns the ICMP message in it
 // (without IP header) and its source. The buffer comes from pool only once
 // a datagram is ready, so that idle sockets hold no buffer; the caller
-// returns *buf to pool when done with msg.
-func (s *icmpSocket) recv(pool *sync.Pool) (buf *[]byte, msg []byte, from netip.Addr, err error) {
+// returns *buf to pool when done with msg. The errors queued on a
+// datagram socket for its requests go to onErr, if set, as they come:
+// their payload is the request as sent.
+func (s *icmpSocket) recv(pool *sync.Pool, onErr func(queuedError)) (buf *[]byte, msg []byte, from netip.Addr, err error) {
 	var n int
 	var sa unix.Sockaddr
 	var rerr error
+	var oob [512]byte
 	err = s.rc.Read(func(fd uintptr) bool {
 		buf = pool.Get().(*[]byte)
-		n, sa, rerr = unix.Recvfrom(int(fd), *buf, unix.MSG_DONTWAIT)
-		if rerr == unix.EAGAIN || rerr == unix.EINTR {
-			pool.Put(buf)
-			buf = nil
-			return false
+		for {
+			n, sa, rerr = unix.Recvfrom(int(fd), *buf, unix.MSG_DONTWAIT)
+			if rerr == nil {
+				return true
+			}
+			if rerr == unix.EINTR {
+				continue
+			}
+			// EAGAIN, or the error the kernel reports once for the
+			// first queued one: the queue says which request each
+			// concerns.
+			drained := false
+			for !s.raw {
+				qn, qoobn, _, qsa, qerr := unix.Recvmsg(int(fd), *buf, oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+				if qerr != nil {
+					break
+				}
+				drained = true
+				if qe, ok := parseQueuedError((*buf)[:qn], oob[:qoobn], qsa); ok && onErr != nil {
+					onErr(qe)
+				}
+			}
+			switch {
+			case drained:
+				continue // there may be a reply behind them
+			case rerr == unix.EAGAIN:
+				pool.Put(buf)
+				buf = nil
+				return false
+			}
+			return true
 		}
-		return true
 	})
 	if err != nil {
 		// Read itself fails only once the socket is closed; the error it
@@ -190,4 +243,65 @@ func errNotPermitted(err error) bool {
 		}
 	}
 	return false
+}
+
+// quotedEcho reads an ICMP error (msg, without IP header) that quotes an
+// echo request: the request's destination and as much of it as was
+// quoted (at least its 8-byte header), and the error. The error's From is
+// left to the caller.
+func quotedEcho(v6 bool, msg []byte) (dst netip.Addr, echo []byte, e ICMPError, ok bool) {
+	if len(msg) < 8 {
+		return netip.Addr{}, nil, ICMPError{}, false
+	}
+	origin := uint8(unix.SO_EE_ORIGIN_ICMP)
+	if v6 {
+		origin = unix.SO_EE_ORIGIN_ICMP6
+	}
+	e, ok = classifyICMP(origin, msg[0], msg[1])
+	if !ok {
+		return netip.Addr{}, nil, ICMPError{}, false
+	}
+	e.Err = icmpErrno(v6, msg[0], msg[1])
+	q := msg[8:]
+	if v6 {
+		if len(q) < 40+8 || q[0]>>4 != 6 || q[6] != 58 || q[40] != 128 {
+			return netip.Addr{}, nil, ICMPError{}, false
+		}
+		return netip.AddrFrom16([16]byte(q[24:40])), q[40:], e, true
+	}
+	if len(q) < 20 || q[0]>>4 != 4 {
+		return netip.Addr{}, nil, ICMPError{}, false
+	}
+	ihl := int(q[0]&0x0f) * 4
+	if ihl < 20 || len(q) < ihl+8 || q[9] != 1 || q[ihl] != 8 {
+		return netip.Addr{}, nil, ICMPError{}, false
+	}
+	return netip.AddrFrom4([4]byte(q[16:20])), q[ihl:], e, true
+}
+
+// icmpErrno is the error the kernel makes of an ICMP error, as a socket
+// with IP_RECVERR would report it.
+func icmpErrno(v6 bool, typ, code uint8) error {
+	if v6 {
+		if typ == icmpv6Unreachable {
+			switch code {
+			case 0:
+				return unix.ENETUNREACH
+			case 1:
+				return unix.EACCES
+			case 4:
+				return unix.ECONNREFUSED
+			}
+		}
+		return unix.EHOSTUNREACH
+	}
+	if typ == icmpv4Unreachable {
+		switch code {
+		case 0:
+			return unix.ENETUNREACH
+		case 3:
+			return unix.ECONNREFUSED
+		}
+	}
+	return unix.EHOSTUNREACH
 }

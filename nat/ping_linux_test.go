@@ -225,13 +225,13 @@ func TestPingerRawDemux(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := other.sendTo(msg, f.dst); err != nil {
+		if err := other.sendTo(msg, f.dst, 0); err != nil {
 			t.Fatal(err)
 		}
 		// Once our own socket has the reply, the Pinger's has it too.
 		deadline := time.Now().Add(5 * time.Second)
 		for {
-			buf, msg, from, err := other.recv(&p.bufs)
+			buf, msg, from, err := other.recv(&p.bufs, nil)
 			if err != nil {
 				t.Fatal(err)
 			}

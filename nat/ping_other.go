@@ -18,9 +18,9 @@ type icmpSocket struct{}
 
 func openICMP(v6, raw bool) (*icmpSocket, error) { return nil, errICMPUnsupported }
 
-func (s *icmpSocket) localID() (uint16, error)                { return 0, errICMPUnsupported }
-func (s *icmpSocket) sendTo(msg []byte, dst netip.Addr) error { return errICMPUnsupported }
-func (s *icmpSocket) recv(pool *sync.Pool) (*[]byte, []byte, netip.Addr, error) {
+func (s *icmpSocket) localID() (uint16, error)                         { return 0, errICMPUnsupported }
+func (s *icmpSocket) sendTo(msg []byte, dst netip.Addr, _ uint8) error { return errICMPUnsupported }
+func (s *icmpSocket) recv(pool *sync.Pool, _ func(queuedError)) (*[]byte, []byte, netip.Addr, error) {
 	return nil, nil, netip.Addr{}, os.ErrClosed
 }
 func (s *icmpSocket) close() error { return nil }

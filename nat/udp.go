@@ -68,7 +68,7 @@ type UDPOptions struct {
 	// Deliver, and payload is as much of the datagram as came back with
 	// the error, valid only during the call. It is called from the
 	// mapping's reader goroutine, only for live flows. Nil drops them.
-	DeliverError func(remote, client netip.AddrPort, payload []byte, e UDPError)
+	DeliverError func(remote, client netip.AddrPort, payload []byte, e ICMPError)
 	// MaxDatagram is the largest datagram read from a remote [65535]. Each
 	// mapping holds a buffer this large; larger datagrams are dropped and
 	// counted in UDPStats.Truncated.
@@ -82,27 +82,28 @@ type UDPOptions struct {
 	Logger *zap.Logger
 }
 
-// UDPError is an ICMP error that came back for a datagram a client sent.
-type UDPError struct {
+// ICMPError is an ICMP error that came back for a datagram or an echo
+// request a client sent.
+type ICMPError struct {
 	// Err is the error the kernel made of it: syscall.ECONNREFUSED for
 	// a closed port, syscall.EHOSTUNREACH, syscall.ENETUNREACH, ...
 	Err error
 	// From sent the ICMP error: the destination itself, or a router on
 	// the way.
 	From netip.Addr
-	// TimeExceeded is set when the datagram's TTL (hop limit) ran out at
+	// TimeExceeded is set when the packet's TTL (hop limit) ran out at
 	// From.
 	TimeExceeded bool
 }
 
-func (e UDPError) Error() string {
+func (e ICMPError) Error() string {
 	if e.TimeExceeded {
 		return "time exceeded at " + e.From.String()
 	}
 	return fmt.Sprintf("%v (from %s)", e.Err, e.From)
 }
 
-func (e UDPError) Unwrap() error { return e.Err }
+func (e ICMPError) Unwrap() error { return e.Err }
 
 // UDPStats are cumulative counters of a UDP mapper.
 type UDPStats struct {
@@ -135,7 +136,7 @@ type UDPMapper struct {
 	table      *Table
 	filtering  Filtering
 	deliver    func(src, dst netip.AddrPort, payload []byte)
-	deliverErr func(remote, client netip.AddrPort, payload []byte, e UDPError)
+	deliverErr func(remote, client netip.AddrPort, payload []byte, e ICMPError)
 	admit      func(peer string, client netip.AddrPort) (release func(), err error)
 	maxDgram   int
 	log        *zap.Logger

@@ -37,7 +37,7 @@ func enableRecvErr(conn *net.UDPConn, v6 bool) error {
 type queuedError struct {
 	dst     netip.AddrPort // where the datagram that caused it was going
 	payload []byte         // as much of that datagram's payload as came back
-	err     UDPError
+	err     ICMPError
 }
 
 // readFrom reads one datagram into buf, draining the socket's error
@@ -132,24 +132,24 @@ func parseQueuedError(payload, oob []byte, sa unix.Sockaddr) (queuedError, bool)
 // classifyICMP keeps the errors a client should hear of: unreachables
 // and time exceeded. Too big is left out: the kernel learns the path
 // MTU from it and fragments, which the client cannot do for it.
-func classifyICMP(origin, typ, code uint8) (UDPError, bool) {
+func classifyICMP(origin, typ, code uint8) (ICMPError, bool) {
 	switch origin {
 	case unix.SO_EE_ORIGIN_ICMP:
 		switch {
 		case typ == 3 && code != 4: // unreachable, but fragmentation needed
-			return UDPError{}, true
+			return ICMPError{}, true
 		case typ == 11:
-			return UDPError{TimeExceeded: true}, true
+			return ICMPError{TimeExceeded: true}, true
 		}
 	case unix.SO_EE_ORIGIN_ICMP6:
 		switch typ {
 		case 1: // unreachable
-			return UDPError{}, true
+			return ICMPError{}, true
 		case 3:
-			return UDPError{TimeExceeded: true}, true
+			return ICMPError{TimeExceeded: true}, true
 		}
 	}
-	return UDPError{}, false
+	return ICMPError{}, false
 }
 
 // offender parses the sockaddr the kernel puts after sock_extended_err.

@@ -17,7 +17,7 @@ import (
 type icmpReport struct {
 	remote, client netip.AddrPort
 	payload        string
-	err            UDPError
+	err            ICMPError
 }
 
 // closedPort returns a loopback UDP port that nothing listens on.
@@ -41,7 +41,7 @@ func TestUDPPortUnreachable(t *testing.T) {
 		t.Run(fam.network, func(t *testing.T) {
 			reports := make(chan icmpReport, 8)
 			f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{}, func(o *UDPOptions) {
-				o.DeliverError = func(remote, client netip.AddrPort, payload []byte, e UDPError) {
+				o.DeliverError = func(remote, client netip.AddrPort, payload []byte, e ICMPError) {
 					reports <- icmpReport{remote, client, string(payload), e}
 				}
 			})
@@ -184,7 +184,7 @@ func TestUDPTimeExceeded(t *testing.T) {
 	}
 	reports := make(chan icmpReport, 8)
 	f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{}, func(o *UDPOptions) {
-		o.DeliverError = func(remote, client netip.AddrPort, payload []byte, e UDPError) {
+		o.DeliverError = func(remote, client netip.AddrPort, payload []byte, e ICMPError) {
 			reports <- icmpReport{remote, client, string(payload), e}
 		}
 	})

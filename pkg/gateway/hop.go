@@ -34,7 +34,7 @@ func (h *handler) RouterAddr(src, dst netip.Addr) netip.Addr {
 // deliverUDPError passes on to the client an ICMP error that came back
 // for its datagram: a hop's time exceeded from the hop, the others from
 // the destination, as the host or the last router before it.
-func (s *Server) deliverUDPError(remote, client netip.AddrPort, payload []byte, e nat.UDPError) {
+func (s *Server) deliverUDPError(remote, client netip.AddrPort, payload []byte, e nat.ICMPError) {
 	if e.TimeExceeded {
 		s.stack.WriteTimeExceeded(e.From, client, remote, payload)
 		return

@@ -1,0 +1,122 @@
+package nat
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"net/netip"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+type echoErr struct {
+	client, dst netip.Addr
+	id, seq     uint16
+	payload     []byte
+	err         ICMPError
+}
+
+// ttlPinger is a Pinger whose replies and errors arrive on channels; with
+// raw set it uses raw sockets only.
+func ttlPinger(t *testing.T, raw bool) (*Pinger, chan echoReply, chan echoErr) {
+	t.Helper()
+	replies, errs := make(chan echoReply, 16), make(chan echoErr, 16)
+	p, err := NewPinger(PingerOptions{
+		Table: pingTable(t, TableOptions{}),
+		Deliver: func(src, dst netip.Addr, id, seq uint16, payload []byte) {
+			replies <- echoReply{src, dst, id, seq, bytes.Clone(payload)}
+		},
+		DeliverError: func(client, dst netip.Addr, id, seq uint16, payload []byte, e ICMPError) {
+			errs <- echoErr{client, dst, id, seq, bytes.Clone(payload), e}
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.noDatagram = raw
+	t.Cleanup(func() { p.Close() })
+	return p, replies, errs
+}
+
+// checkEchoTTL sends an echo with a low TTL to loopback and checks, with a
+// raw socket that sees the request arrive, that it left with that TTL; then
+// plays a router that answers time exceeded from 127.0.0.5, and checks the
+// error reaches the client's session with its identifier and sequence.
+func checkEchoTTL(t *testing.T, raw bool) {
+	t.Helper()
+	watch, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(watch)
+	unix.SetsockoptTimeval(watch, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 3})
+
+	p, replies, errs := ttlPinger(t, raw)
+	const id, seq = 0x4242, 7
+	if err := p.EchoTTL("peer-a", pingClient4, lo4, id, seq, []byte("hop 3"), 3); err != nil {
+		t.Fatal(err)
+	}
+	waitReply(t, replies)
+	var request []byte
+	for request == nil {
+		buf := make([]byte, 1500)
+		n, _, err := unix.Recvfrom(watch, buf, 0)
+		if err != nil {
+			t.Fatalf("the request did not arrive: %v", err)
+		}
+		if ihl := int(buf[0]&0x0f) * 4; n > ihl && buf[ihl] == 8 {
+			request = buf[:n]
+		}
+	}
+	if request[8] != 3 {
+		t.Fatalf("the request left with TTL %d, want 3", request[8])
+	}
+
+	// The router's error quotes the request as it reached it, TTL spent.
+	q := bytes.Clone(request)
+	q[8] = 0
+	msg := append([]byte{11, 0, 0, 0, 0, 0, 0, 0}, q...)
+	binary.BigEndian.PutUint16(msg[2:4], icmpChecksum(msg))
+	rs, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(rs)
+	router := netip.MustParseAddr("127.0.0.5")
+	if err := unix.Bind(rs, &unix.SockaddrInet4{Addr: router.As4()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Sendto(rs, msg, 0, &unix.SockaddrInet4{Addr: [4]byte(request[12:16])}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-errs:
+		if !e.err.TimeExceeded || e.err.From != router || !errors.Is(e.err, syscall.EHOSTUNREACH) ||
+			e.client != pingClient4 || e.dst != lo4 || e.id != id || e.seq != seq || string(e.payload) != "hop 3" {
+			t.Errorf("error %+v, want time exceeded at %s for %s -> %s id %#x seq %d", e, router, pingClient4, lo4, id, seq)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("no time exceeded reported")
+	}
+	t.Logf("checked on the %s path", p.modeOf(false))
+}
+
+// TestPingerTTLRaw: traceroute by ping on the raw path.
+func TestPingerTTLRaw(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("raw ICMP sockets need root")
+	}
+	checkEchoTTL(t, true)
+}
+
+// TestPingerTTLDatagram: traceroute by ping on the unprivileged path, in a
+// namespace of the test's own whose ping_group_range allows it.
+func TestPingerTTLDatagram(t *testing.T) {
+	enterLoopbackNetns(t)
+	setPingGroupRange(t, "0 2147483647")
+	checkEchoTTL(t, false)
+}
