@@ -6,7 +6,7 @@ PKGS    := ./...
 # Flags for `make run`: none, a WireGuard server as the current user.
 RUN_FLAGS ?=
 
-.PHONY: all build test bench bench-deps run deps clean
+.PHONY: all build test bench bench-deps run deps clean fuzz soak
 
 all: build
 
@@ -75,6 +75,25 @@ deps:
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# Every fuzz target, one after another, each for FUZZTIME on one worker
+# (FUZZPARALLEL): testdata/fuzz/run.sh lists them. A crash stops the run
+# and leaves its input in the package's testdata/fuzz/, where `make test`
+# runs it from then on. See RELIABILITY.md.
+FUZZTIME ?= 30s
+FUZZPARALLEL ?= 1
+fuzz:
+	GO=$(GO) FUZZTIME=$(FUZZTIME) FUZZPARALLEL=$(FUZZPARALLEL) testdata/fuzz/run.sh
+
+# The soak for SOAK_DURATION (10m): churn, SYN and connect floods and
+# egress exhaustion against one gateway, checking that goroutines,
+# descriptors, memory and flows come back after each round and that
+# shutdown keeps its grace; then 200 SIGKILLs of a process adding peers.
+# `make test` runs the short version of both. See RELIABILITY.md.
+SOAK_DURATION ?= 10m
+soak:
+	SOAK_DURATION=$(SOAK_DURATION) $(GO) test -count=1 -v -timeout 3h -run '^TestSoak$$' ./pkg/gateway
+	SOAK_DURATION=$(SOAK_DURATION) $(GO) test -count=1 -v -timeout 30m -run '^TestKillDuringPeerWrites$$' ./pkg/service
 
 clean:
 	rm -rf bin
