@@ -408,6 +408,9 @@ func churnOnce(ctx context.Context, p *soakPeer, echo string, mode int, rng *ran
 			return errors.New("echo differs")
 		}
 	case 1: // RST: close with echoed data unread
+		if len(msg) < 4<<10 {
+			msg = append(msg, make([]byte, 4<<10)...)
+		}
 		if _, err := c.Write(msg); err != nil {
 			return fmt.Errorf("write: %w", err)
 		}
@@ -415,6 +418,10 @@ func churnOnce(ctx context.Context, p *soakPeer, echo string, mode int, rng *ran
 		if _, err := io.ReadFull(c, one[:]); err != nil {
 			return fmt.Errorf("read: %w", err)
 		}
+		// Let more of the echo arrive: gVisor, like Linux, resets a
+		// connection closed with data unread, and ends it with a FIN
+		// otherwise.
+		time.Sleep(20 * time.Millisecond)
 	case 2: // half-close, then the rest of the echo and the server's FIN
 		if _, err := c.Write(msg); err != nil {
 			return fmt.Errorf("write: %w", err)
