@@ -71,6 +71,7 @@ deps:
 	command -v ping >/dev/null || missing="$$missing iputils-ping"; \
 	command -v wg   >/dev/null || missing="$$missing wireguard-tools"; \
 	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	command -v nft  >/dev/null || missing="$$missing nftables"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
