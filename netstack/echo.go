@@ -33,7 +33,7 @@ func (s *Stack) handleICMPv4(id stack.TransportEndpointID, pkt *stack.PacketBuff
 		payload = data.AsRange().ToSlice()
 	}
 	src, dst := addrFrom(id.RemoteAddress), addrFrom(id.LocalAddress)
-	if err := s.opts.Handler.HandleEcho(src, dst, h.Ident(), h.Sequence(), payload); err != nil {
+	if err := s.handleEcho(src, dst, ttlOf(pkt.NetworkHeader().Slice()), h.Ident(), h.Sequence(), payload); err != nil {
 		s.refuse(quote(pkt), err, RefuseDrop)
 	}
 	return true
@@ -82,7 +82,7 @@ func (s *Stack) interceptICMPv6(b []byte, pi packetInfo) bool {
 			copy(q, b[:40])
 			binary.BigEndian.PutUint16(q[4:6], uint16(len(msg)))
 			q[6] = protoICMPv6
-			s.echoV6(msg, pi, append(q, msg[:8]...))
+			s.echoV6(msg, pi, ttlOf(b), append(q, msg[:8]...))
 			return true
 		case protoICMPv6:
 		default:
@@ -93,13 +93,13 @@ func (s *Stack) interceptICMPv6(b []byte, pi packetInfo) bool {
 	if len(b) < off+header.ICMPv6EchoMinimumSize || b[off] != icmpv6Echo {
 		return false
 	}
-	s.echoV6(b[off:], pi, b[:min(len(b), off+8)])
+	s.echoV6(b[off:], pi, ttlOf(b), b[:min(len(b), off+8)])
 	return true
 }
 
-// echoV6 hands a client's ICMPv6 echo request, msg, to the handler; q is
-// what an error about it quotes.
-func (s *Stack) echoV6(msg []byte, pi packetInfo, q []byte) {
+// echoV6 hands a client's ICMPv6 echo request, msg, which came with hop
+// limit ttl, to the handler; q is what an error about it quotes.
+func (s *Stack) echoV6(msg []byte, pi packetInfo, ttl uint8, q []byte) {
 	srcA, dstA := tcpip.AddrFrom16(pi.src.As16()), tcpip.AddrFrom16(pi.dst.As16())
 	if checksum.Checksum(msg, header.PseudoHeaderChecksum(header.ICMPv6ProtocolNumber, srcA, dstA, uint16(len(msg)))) != 0xffff || msg[1] != 0 {
 		s.malformed.Add(1)
@@ -112,7 +112,7 @@ func (s *Stack) echoV6(msg []byte, pi packetInfo, q []byte) {
 	}
 	ident := binary.BigEndian.Uint16(msg[4:6])
 	seq := binary.BigEndian.Uint16(msg[6:8])
-	if err := s.opts.Handler.HandleEcho(pi.src, pi.dst, ident, seq, msg[8:]); err != nil {
+	if err := s.handleEcho(pi.src, pi.dst, ttl, ident, seq, msg[8:]); err != nil {
 		s.refuse(q, err, RefuseDrop)
 	}
 }

@@ -17,12 +17,23 @@ type Router interface {
 }
 
 // A TTLHandler is a Handler that is told the TTL (hop limit) each UDP
-// datagram arrived with: the stack calls HandleUDPTTL instead of HandleUDP.
-// A router passes a datagram on with one less, which is what lets
-// traceroute see the hops past the gateway. Datagrams whose TTL runs out
-// at the gateway never reach it (see Router).
+// datagram and echo request arrived with: the stack calls HandleUDPTTL
+// and HandleEchoTTL instead of HandleUDP and HandleEcho. A router passes a
+// packet on with one less, which is what lets traceroute see the hops past
+// the gateway. Packets whose TTL runs out at the gateway never reach it
+// (see Router).
 type TTLHandler interface {
 	HandleUDPTTL(src, dst netip.AddrPort, ttl uint8, payload []byte) error
+	HandleEchoTTL(src, dst netip.Addr, ttl uint8, id, seq uint16, payload []byte) error
+}
+
+// handleEcho passes an echo request to the handler, with its TTL if the
+// handler wants it.
+func (s *Stack) handleEcho(src, dst netip.Addr, ttl uint8, id, seq uint16, payload []byte) error {
+	if th, ok := s.opts.Handler.(TTLHandler); ok {
+		return th.HandleEchoTTL(src, dst, ttl, id, seq, payload)
+	}
+	return s.opts.Handler.HandleEcho(src, dst, id, seq, payload)
 }
 
 // stopsHere reports whether a client's packet goes no further than the

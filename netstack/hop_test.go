@@ -155,3 +155,46 @@ func TestWriteUDPError(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteEchoErrors: errors for a client's ping quote an echo request
+// with its identifier and sequence, so that ping and traceroute match them.
+func TestWriteEchoErrors(t *testing.T) {
+	s, err := New(Options{Handler: &refusingHandler{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for _, tc := range []struct {
+		client, dst, hop string
+		hl, typ, code    int
+		echo             byte
+	}{
+		{"100.96.0.2", "198.51.100.7", "203.0.113.1", 20, 11, 0, icmpv4Echo},
+		{"fd5c:1ce::2", "2001:db8::7", "2001:db8:1::1", 40, 3, 0, icmpv6Echo},
+		{"100.96.0.2", "198.51.100.7", "", 20, 3, 1, icmpv4Echo},
+		{"fd5c:1ce::2", "2001:db8::7", "", 40, 1, 3, icmpv6Echo},
+	} {
+		client, dst := netip.MustParseAddr(tc.client), netip.MustParseAddr(tc.dst)
+		from := dst
+		if tc.hop != "" {
+			from = netip.MustParseAddr(tc.hop)
+			s.WriteEchoTimeExceeded(from, client, dst, 0x1234, 9, []byte("probe"))
+		} else {
+			s.WriteEchoUnreachable(client, dst, 0x1234, 9, []byte("probe"), syscall.EHOSTUNREACH)
+		}
+		got := readOne(t, s)
+		hl := tc.hl
+		src := netip.AddrFrom4([4]byte(got[12:16]))
+		if hl == 40 {
+			src = netip.AddrFrom16([16]byte(got[8:24]))
+		}
+		if src != from || int(got[hl]) != tc.typ || int(got[hl+1]) != tc.code {
+			t.Errorf("%v->%v: ICMP %d/%d from %s, want %d/%d from %s", client, dst, got[hl], got[hl+1], src, tc.typ, tc.code, from)
+			continue
+		}
+		echo := got[hl+8+hl:]
+		if echo[0] != tc.echo || binary.BigEndian.Uint16(echo[4:6]) != 0x1234 || binary.BigEndian.Uint16(echo[6:8]) != 9 || string(echo[8:]) != "probe" {
+			t.Errorf("%v->%v: quoted echo %x", client, dst, echo)
+		}
+	}
+}

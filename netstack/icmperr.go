@@ -205,3 +205,62 @@ func (s *Stack) WriteTimeExceeded(hop netip.Addr, client, remote netip.AddrPort,
 		s.sendICMP(q, hop.Unmap(), timeExceeded)
 	}
 }
+
+// echoQuote rebuilds the start of an echo request a client sent, as an
+// ICMP error quotes it: the client matches the error to its ping by the
+// identifier and sequence.
+func echoQuote(client, dst netip.Addr, id, seq uint16, payload []byte) []byte {
+	c, d := client.Unmap(), dst.Unmap()
+	if c.Is4() != d.Is4() {
+		return nil
+	}
+	payload = payload[:min(len(payload), 512)]
+	echo := make([]byte, 8, 8+len(payload))
+	echo[0] = icmpv4Echo
+	binary.BigEndian.PutUint16(echo[4:6], id)
+	binary.BigEndian.PutUint16(echo[6:8], seq)
+	echo = append(echo, payload...)
+	var q []byte
+	if c.Is4() {
+		q = make([]byte, 20, 20+len(echo))
+		q[0] = 0x45
+		binary.BigEndian.PutUint16(q[2:4], uint16(20+len(echo)))
+		q[8], q[9] = 1, protoICMPv4
+		copy(q[12:16], c.AsSlice())
+		copy(q[16:20], d.AsSlice())
+		binary.BigEndian.PutUint16(q[10:12], ^checksum.Checksum(q[:20], 0))
+		binary.BigEndian.PutUint16(echo[2:4], ^checksum.Checksum(echo, 0))
+	} else {
+		q = make([]byte, 40, 40+len(echo))
+		q[0] = 0x60
+		binary.BigEndian.PutUint16(q[4:6], uint16(len(echo)))
+		q[6], q[7] = protoICMPv6, 1
+		copy(q[8:24], c.AsSlice())
+		copy(q[24:40], d.AsSlice())
+		echo[0] = icmpv6Echo
+		binary.BigEndian.PutUint16(echo[2:4], ^checksum.Checksum(echo, header.PseudoHeaderChecksum(
+			header.ICMPv6ProtocolNumber, tcpip.AddrFrom16(c.As16()), tcpip.AddrFrom16(d.As16()), uint16(len(echo)))))
+	}
+	return append(q, echo...)
+}
+
+// WriteEchoTimeExceeded tells a client that an echo request it sent to
+// dst, with its identifier id and sequence seq (payload being what came
+// back of it), ran out of TTL at the router hop: traceroute by ping.
+func (s *Stack) WriteEchoTimeExceeded(hop, client, dst netip.Addr, id, seq uint16, payload []byte) {
+	if q := echoQuote(client, dst, id, seq, payload); q != nil {
+		s.sendICMP(q, hop.Unmap(), timeExceeded)
+	}
+}
+
+// WriteEchoUnreachable tells a client that an echo request it sent to dst
+// met err on the way (syscall.EHOSTUNREACH, ...), as Classify reads it,
+// from dst as the last router before it would.
+func (s *Stack) WriteEchoUnreachable(client, dst netip.Addr, id, seq uint16, payload []byte, err error) {
+	q := echoQuote(client, dst, id, seq, payload)
+	how := Classify(err)
+	if q == nil || how == RefuseDrop || how == RefuseTooBig {
+		return
+	}
+	s.sendICMPError(q, how, 0)
+}

@@ -208,9 +208,10 @@ func New(opts Options) (srv *Server, err error) {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	s.pinger, err = nat.NewPinger(nat.PingerOptions{
-		Table:   s.table,
-		Deliver: s.deliverEcho,
-		Logger:  log.Named("ping"),
+		Table:        s.table,
+		Deliver:      s.deliverEcho,
+		DeliverError: s.deliverEchoError,
+		Logger:       log.Named("ping"),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)

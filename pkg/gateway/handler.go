@@ -184,6 +184,12 @@ func (h *handler) HandleUDPTTL(src, dst netip.AddrPort, ttl uint8, payload []byt
 func (h *handler) FlushBatch() { h.udp.Flush() }
 
 func (h *handler) HandleEcho(src, dst netip.Addr, id, seq uint16, payload []byte) error {
+	return h.HandleEchoTTL(src, dst, 0, id, seq, payload)
+}
+
+// HandleEchoTTL implements netstack.TTLHandler: as HandleUDPTTL, for
+// traceroute by ping.
+func (h *handler) HandleEchoTTL(src, dst netip.Addr, ttl uint8, id, seq uint16, payload []byte) error {
 	s := (*Server)(h)
 	if s.own[dst.Unmap()] {
 		// The gateway is the destination here: it answers for itself.
@@ -193,7 +199,10 @@ func (h *handler) HandleEcho(src, dst netip.Addr, id, seq uint16, payload []byte
 	if err := s.check(peer, nat.ICMP, netip.AddrPortFrom(dst, 0)); err != nil {
 		return s.refuse(err, netstack.RefuseDrop)
 	}
-	if err := h.pinger.Echo(peer, src, dst, id, seq, payload); err != nil {
+	if ttl > 0 {
+		ttl-- // the gateway's hop
+	}
+	if err := h.pinger.EchoTTL(peer, src, dst, id, seq, payload, ttl); err != nil {
 		return s.refuse(err, netstack.RefuseDrop)
 	}
 	return nil

@@ -41,3 +41,13 @@ func (s *Server) deliverUDPError(remote, client netip.AddrPort, payload []byte, 
 	}
 	s.stack.WriteUDPError(client, remote, payload, e.Err)
 }
+
+// deliverEchoError passes on to the client an ICMP error that came back
+// for its echo request, as deliverUDPError does.
+func (s *Server) deliverEchoError(client, dst netip.Addr, id, seq uint16, payload []byte, e nat.ICMPError) {
+	if e.TimeExceeded {
+		s.stack.WriteEchoTimeExceeded(e.From, client, dst, id, seq, payload)
+		return
+	}
+	s.stack.WriteEchoUnreachable(client, dst, id, seq, payload, e.Err)
+}

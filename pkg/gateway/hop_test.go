@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -148,6 +149,9 @@ func ipChecksum(b []byte) uint16 {
 	for i := 0; i+1 < len(b); i += 2 {
 		sum += uint32(b[i])<<8 | uint32(b[i+1])
 	}
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
+	}
 	for sum > 0xffff {
 		sum = sum>>16 + sum&0xffff
 	}
@@ -215,5 +219,85 @@ func TestTracerouteThroughGateway(t *testing.T) {
 	cmsgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
 	if string(buf[:n]) != "hop 3" || len(cmsgs) != 1 || len(cmsgs[0].Data) < 4 || cmsgs[0].Data[0] != 2 {
 		t.Fatalf("got %q with control %v; want the probe with TTL 2", buf[:n], cmsgs)
+	}
+}
+
+// echo4Packet is an IPv4 echo request.
+func echo4Packet(src, dst netip.Addr, ttl uint8, id, seq uint16, payload []byte) []byte {
+	b := make([]byte, 28, 28+len(payload))
+	b[0], b[8], b[9] = 0x45, ttl, 1
+	binary.BigEndian.PutUint16(b[2:4], uint16(28+len(payload)))
+	copy(b[12:16], src.AsSlice())
+	copy(b[16:20], dst.AsSlice())
+	binary.BigEndian.PutUint16(b[10:12], ipChecksum(b[:20]))
+	b[20] = 8
+	binary.BigEndian.PutUint16(b[24:26], id)
+	binary.BigEndian.PutUint16(b[26:28], seq)
+	b = append(b, payload...)
+	binary.BigEndian.PutUint16(b[22:24], ipChecksum(b[20:]))
+	return b
+}
+
+// TestPingTracerouteThroughGateway: an echo request with TTL 3 leaves the
+// gateway with TTL 2, and the time exceeded a router sends for it (played
+// here by a raw socket at 127.0.0.5) reaches the client from the router,
+// quoting the client's own identifier and sequence.
+func TestPingTracerouteThroughGateway(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("seeing the request and playing a router need raw sockets (root)")
+	}
+	watch, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(watch)
+	unix.SetsockoptTimeval(watch, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 3})
+	_, dev := rawGateway(t)
+	client, dst := netip.MustParseAddr("100.96.0.2"), netip.MustParseAddr("127.0.0.1")
+	if _, err := dev.Write([][]byte{echo4Packet(client, dst, 3, 0x77, 5, []byte("hop 3"))}, 0); err != nil {
+		t.Fatal(err)
+	}
+	var request []byte
+	for request == nil {
+		buf := make([]byte, 1500)
+		n, _, err := unix.Recvfrom(watch, buf, 0)
+		if err != nil {
+			t.Fatalf("the request did not leave the gateway: %v", err)
+		}
+		if ihl := int(buf[0]&0x0f) * 4; n > ihl+8 && buf[ihl] == 8 && string(buf[ihl+8:n]) == "hop 3" {
+			request = buf[:n]
+		}
+	}
+	if request[8] != 2 {
+		t.Fatalf("the request left the gateway with TTL %d, want 2", request[8])
+	}
+
+	q := bytes.Clone(request)
+	q[8] = 0
+	msg := append([]byte{11, 0, 0, 0, 0, 0, 0, 0}, q...)
+	binary.BigEndian.PutUint16(msg[2:4], ipChecksum(msg))
+	rs, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(rs)
+	router := netip.MustParseAddr("127.0.0.5")
+	if err := unix.Bind(rs, &unix.SockaddrInet4{Addr: router.As4()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Sendto(rs, msg, 0, &unix.SockaddrInet4{Addr: [4]byte(request[12:16])}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		got := readPacket(t, dev)
+		if got[9] != 1 || got[20] == 0 {
+			continue // the echo reply from 127.0.0.1 itself
+		}
+		from := netip.AddrFrom4([4]byte(got[12:16]))
+		echo := got[28+20:]
+		if got[20] != 11 || from != router || echo[0] != 8 || binary.BigEndian.Uint16(echo[4:6]) != 0x77 || binary.BigEndian.Uint16(echo[6:8]) != 5 {
+			t.Fatalf("got ICMP type %d from %s quoting %x; want time exceeded from %s quoting id 0x77 seq 5", got[20], from, echo, router)
+		}
+		return
 	}
 }
