@@ -492,8 +492,9 @@ func (m *udpMapping) read() {
 		m.shutdown(ReasonReset)
 		return
 	}
+	r := newUDPReader(rc, buf, m.icmpError)
 	for {
-		n, from, err := readFrom(rc, buf, m.icmpError)
+		n, from, err := r.next()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return

@@ -40,59 +40,104 @@ type queuedError struct {
 	err     ICMPError
 }
 
-// readFrom reads one datagram into buf, draining the socket's error
-// queue into errs whenever there is no datagram to read: a socket that
-// queues errors becomes readable for them, but an ordinary read does not
-// return them (and with epoll's edge triggering they would never wake it
-// again). errs' payloads are copied.
-func readFrom(rc syscall.RawConn, buf []byte, errs func(queuedError)) (int, netip.AddrPort, error) {
-	var (
-		n    int
-		from netip.AddrPort
-		rerr error
-	)
-	var oob [512]byte
-	err := rc.Read(func(fd uintptr) bool {
-		var sa unix.Sockaddr
-		n, sa, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
-		if rerr == nil {
-			from = sockaddrAddrPort(sa)
-			return true
-		}
-		if rerr == unix.EINTR {
-			return false
-		}
-		// EAGAIN, or an error the kernel reports once for the first
-		// queued ICMP error (ECONNREFUSED, ...): the queue tells which
-		// datagram each belongs to.
-		drained := false
-		for {
-			qn, qoobn, _, qsa, qerr := unix.Recvmsg(int(fd), buf, oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
-			if qerr != nil {
-				break
-			}
-			drained = true
-			if qe, ok := parseQueuedError(buf[:qn], oob[:qoobn], qsa); ok {
-				errs(qe)
-			}
-		}
-		if rerr == unix.EAGAIN {
-			return false // wait for data or the next error
-		}
-		if drained {
-			// The error was one of those just handled.
-			rerr = nil
-			n = -1
-		}
-		return true
-	})
-	if err != nil {
+// udpReader reads datagrams from a socket, draining its error queue into
+// errs whenever there is no datagram to read: a socket that queues errors
+// becomes readable for them, but an ordinary read does not return them
+// (and with epoll's edge triggering they would never wake it again). The
+// queued errors' payloads are copied. One datagram costs no allocation:
+// the callback the poller runs is bound once.
+type udpReader struct {
+	rc   syscall.RawConn
+	buf  []byte
+	errs func(queuedError)
+	step func(fd uintptr) bool // r.read, bound once
+
+	n    int
+	from netip.AddrPort
+	err  error
+	oob  [512]byte
+}
+
+func newUDPReader(rc syscall.RawConn, buf []byte, errs func(queuedError)) *udpReader {
+	r := &udpReader{rc: rc, buf: buf, errs: errs}
+	r.step = r.read
+	return r
+}
+
+// next reads one datagram into the reader's buffer. It returns n < 0,
+// and no error, when it handled queued errors instead.
+func (r *udpReader) next() (int, netip.AddrPort, error) {
+	if err := r.rc.Read(r.step); err != nil {
 		return 0, netip.AddrPort{}, err
 	}
-	if rerr != nil {
-		return 0, netip.AddrPort{}, &net.OpError{Op: "read", Net: "udp", Err: rerr}
+	if r.err != nil {
+		return 0, netip.AddrPort{}, &net.OpError{Op: "read", Net: "udp", Err: r.err}
 	}
-	return n, from, nil
+	return r.n, r.from, nil
+}
+
+func (r *udpReader) read(fd uintptr) bool {
+	r.n, r.from, r.err = recvFrom(fd, r.buf)
+	if r.err == nil {
+		return true
+	}
+	if r.err == unix.EINTR {
+		return false
+	}
+	// EAGAIN, or an error the kernel reports once for the first queued
+	// ICMP error (ECONNREFUSED, ...): the queue tells which datagram each
+	// belongs to.
+	drained := false
+	for {
+		qn, qoobn, _, qsa, qerr := unix.Recvmsg(int(fd), r.buf, r.oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+		if qerr != nil {
+			break
+		}
+		drained = true
+		if qe, ok := parseQueuedError(r.buf[:qn], r.oob[:qoobn], qsa); ok {
+			r.errs(qe)
+		}
+	}
+	if r.err == unix.EAGAIN {
+		return false // wait for data or the next error
+	}
+	if drained {
+		// The error was one of those just handled.
+		r.err, r.n = nil, -1
+	}
+	return true
+}
+
+// recvFrom is recvfrom(2) without a Sockaddr to allocate for each
+// datagram, as unix.Recvfrom has.
+func recvFrom(fd uintptr, buf []byte) (int, netip.AddrPort, error) {
+	var rsa unix.RawSockaddrAny
+	alen := uint32(unix.SizeofSockaddrAny)
+	var p unsafe.Pointer
+	if len(buf) > 0 {
+		p = unsafe.Pointer(&buf[0])
+	}
+	r, _, e := unix.Syscall6(unix.SYS_RECVFROM, fd, uintptr(p), uintptr(len(buf)), unix.MSG_DONTWAIT,
+		uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&alen)))
+	if e != 0 {
+		return 0, netip.AddrPort{}, e
+	}
+	var from netip.AddrPort
+	switch rsa.Addr.Family {
+	case unix.AF_INET:
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&rsa))
+		from = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), portOf(sa.Port))
+	case unix.AF_INET6:
+		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(&rsa))
+		from = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), portOf(sa.Port))
+	}
+	return int(r), from, nil
+}
+
+// portOf reads a port as the kernel stores it, in network byte order.
+func portOf(p uint16) uint16 {
+	b := (*[2]byte)(unsafe.Pointer(&p))
+	return uint16(b[0])<<8 | uint16(b[1])
 }
 
 // parseQueuedError reads an error queue message: the payload of the

@@ -248,3 +248,34 @@ func icmpChecksum(b []byte) uint16 {
 	}
 	return ^uint16(sum)
 }
+
+// TestUDPReadDoesNotAllocate: the reader's path for a datagram allocates
+// nothing, as ReadFromUDPAddrPort did before errors were read too.
+func TestUDPReadDoesNotAllocate(t *testing.T) {
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	sender, err := net.DialUDP("udp4", nil, pc.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sender.Close()
+	rc, err := pc.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := newUDPReader(rc, make([]byte, 2048), func(queuedError) {})
+	msg := []byte("x")
+	allocs := testing.AllocsPerRun(100, func() {
+		sender.Write(msg)
+		n, from, err := r.next()
+		if err != nil || n != 1 || from != sender.LocalAddr().(*net.UDPAddr).AddrPort() {
+			t.Fatalf("read %d from %v: %v", n, from, err)
+		}
+	})
+	if allocs > 0 {
+		t.Errorf("%.1f allocations per datagram, want 0", allocs)
+	}
+}
