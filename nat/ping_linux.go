@@ -161,7 +161,7 @@ func (s *icmpSocket) recv(pool *sync.Pool, onErr func(queuedError)) (buf *[]byte
 	var n int
 	var sa unix.Sockaddr
 	var rerr error
-	var oob [512]byte
+	var oob []byte // for the error queue, allocated once it is read
 	err = s.rc.Read(func(fd uintptr) bool {
 		buf = pool.Get().(*[]byte)
 		for {
@@ -176,8 +176,11 @@ func (s *icmpSocket) recv(pool *sync.Pool, onErr func(queuedError)) (buf *[]byte
 			// first queued one: the queue says which request each
 			// concerns.
 			drained := false
+			if !s.raw && oob == nil {
+				oob = make([]byte, 512)
+			}
 			for !s.raw {
-				qn, qoobn, _, qsa, qerr := unix.Recvmsg(int(fd), *buf, oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+				qn, qoobn, _, qsa, qerr := unix.Recvmsg(int(fd), *buf, oob, unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
 				if qerr != nil {
 					break
 				}
