@@ -124,8 +124,14 @@ func TestConnectHostilePeerOnPath(t *testing.T) {
 		}
 		blast, blastErr = l.blast(1500*time.Millisecond, 15000)
 	}()
+	// The transfer only has to outlast the sender; under the race
+	// detector both sluice processes run several times slower.
+	size := lossSize
+	if e2eRaceEnabled() {
+		size = lossSize / 4
+	}
 	var once sync.Once
-	elapsed := l.download(t, lossSize, func(n int64) {
+	elapsed := l.download(t, size, func(n int64) {
 		if got.Add(n) >= 1<<20 {
 			once.Do(func() { close(started) })
 		}
@@ -135,21 +141,21 @@ func TestConnectHostilePeerOnPath(t *testing.T) {
 	if blastErr != nil {
 		t.Fatalf("hostile sender: %v", blastErr)
 	}
-	t.Logf("download of %d MiB under attack: %v, %.1f MB/s", lossSize>>20, elapsed.Round(time.Millisecond), float64(lossSize)/1e6/elapsed.Seconds())
+	t.Logf("download of %d MiB under attack: %v, %.1f MB/s", size>>20, elapsed.Round(time.Millisecond), float64(size)/1e6/elapsed.Seconds())
 	t.Logf("hostile sender: %s", blast)
 	if blast.sent == 0 || blast.captured == 0 {
 		t.Fatalf("hostile sender sent %d datagrams from %d captured ones: it did not take part", blast.sent, blast.captured)
 	}
 	if blast.ended.After(transferEnded) {
-		t.Logf("the transfer ended before the hostile sender did: the attack covered only its tail")
+		t.Logf("the transfer ended %v before the hostile sender did", blast.ended.Sub(transferEnded).Round(time.Millisecond))
 	}
 
 	// What wireguard-go drops on shape alone, and forged handshakes,
 	// are counted; some may be lost on the lossy path.
 	malformed := l.metric(t, "sluice_tunnel_malformed_total") - malformedBefore
 	t.Logf("gateway counted %.0f malformed datagrams; %d of those sent were malformed by shape, %d forged handshake messages", malformed, blast.shapeMalformed, blast.forgedHandshakes)
-	if malformed < float64(blast.shapeMalformed)/2 {
-		t.Errorf("gateway counted %.0f malformed datagrams, want at least half of the %d sent that are not WireGuard messages", malformed, blast.shapeMalformed)
+	if counted := blast.shapeMalformed + blast.forgedHandshakes; malformed < float64(counted)/2 {
+		t.Errorf("gateway counted %.0f malformed datagrams, want at least half of the %d sent that it counts", malformed, counted)
 	}
 	if after := l.peerEndpoint(t); after != endpoint {
 		t.Errorf("the client's endpoint moved from %s to %s during the attack (the attacker sent from %s)", endpoint, after, blast.from)

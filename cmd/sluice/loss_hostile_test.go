@@ -67,10 +67,11 @@ func (l *lossLab) blast(d time.Duration, max int) (lossBlastStats, error) {
 		if err != nil {
 			return err
 		}
-		if capFD, err = unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(lossHtons(unix.ETH_P_IP))); err != nil {
+		// ETH_P_ALL: a socket for one protocol sees only what arrives.
+		if capFD, err = unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(lossHtons(unix.ETH_P_ALL))); err != nil {
 			return fmt.Errorf("packet socket: %w", err)
 		}
-		if err := unix.Bind(capFD, &unix.SockaddrLinklayer{Protocol: lossHtons(unix.ETH_P_IP), Ifindex: ifc.Index}); err != nil {
+		if err := unix.Bind(capFD, &unix.SockaddrLinklayer{Protocol: lossHtons(unix.ETH_P_ALL), Ifindex: ifc.Index}); err != nil {
 			return fmt.Errorf("bind packet socket to c-g: %w", err)
 		}
 		if err := unix.SetsockoptTimeval(capFD, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Usec: 200_000}); err != nil {
@@ -98,7 +99,7 @@ func (l *lossLab) blast(d time.Duration, max int) (lossBlastStats, error) {
 			return st, fmt.Errorf("capture: %w", err)
 		}
 		ll, ok := from.(*unix.SockaddrLinklayer)
-		if !ok || ll.Pkttype != unix.PACKET_OUTGOING {
+		if !ok || ll.Pkttype != unix.PACKET_OUTGOING || ll.Protocol != lossHtons(unix.ETH_P_IP) {
 			continue
 		}
 		p := buf[:n]
