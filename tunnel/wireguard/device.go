@@ -165,7 +165,7 @@ func newDevice(dev tun.Device, opts Options) (*Device, error) {
 	if bind == nil {
 		bind = conn.NewDefaultBind()
 	}
-	bind = &countingBind{Bind: bind, malformed: &d.malformed}
+	bind = countMalformed(bind, &d.malformed)
 	d.wg = device.NewDevice(dev, bind, newDeviceLogger(log.Named("wireguard"), &d.malformed))
 	if err := d.wg.IpcSet(uapi.String()); err != nil {
 		d.wg.Close()
@@ -238,10 +238,11 @@ func (d *Device) RemovePeer(pub Key) error {
 }
 
 // Malformed counts the datagrams the device dropped because they were not
-// WireGuard messages (too short, an unknown type, the wrong size) or failed
-// authentication (a bad MAC, a handshake that no peer's key opens): what
-// garbage and scans send to the port. Transport messages that fail
-// decryption are not counted: wireguard-go drops them silently.
+// WireGuard messages (an unknown type; with a Bind other than the default,
+// also too short or of the wrong size) or failed authentication (a bad MAC,
+// a handshake that no peer's key opens): what garbage and scans send to
+// the port. Transport messages that fail decryption are not counted:
+// wireguard-go drops them silently.
 func (d *Device) Malformed() uint64 { return d.malformed.Load() }
 
 // Peers returns the state of every peer, ordered by public key.

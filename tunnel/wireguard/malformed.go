@@ -8,12 +8,24 @@ import (
 	"golang.zx2c4.com/wireguard/device"
 )
 
-// countingBind counts the datagrams that cannot be WireGuard messages
-// (too short, an unknown type, a handshake message of the wrong size),
-// which wireguard-go drops without a word.
+// countingBind counts the datagrams that cannot be WireGuard messages and
+// that wireguard-go drops without a word: too short, or a handshake
+// message of the wrong size. (A message of an unknown type it logs, and
+// the logger counts those.)
 type countingBind struct {
 	conn.Bind
 	malformed *atomic.Uint64
+}
+
+// countMalformed wraps bind to count malformed datagrams, unless it is
+// wireguard-go's own: the device runs its sticky-socket route listener
+// only for a *conn.StdNetBind, and a wrapper would turn that off. On the
+// default bind, only what the logger sees is counted.
+func countMalformed(bind conn.Bind, malformed *atomic.Uint64) conn.Bind {
+	if _, std := bind.(*conn.StdNetBind); std {
+		return bind
+	}
+	return &countingBind{Bind: bind, malformed: malformed}
 }
 
 func (b *countingBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
@@ -35,8 +47,9 @@ func (b *countingBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
 	return fns, actual, nil
 }
 
-// wellFormed reports whether a datagram has the type and size of a
-// WireGuard message, as wireguard-go checks before anything else.
+// wellFormed reports whether a datagram passes wireguard-go's silent
+// checks: long enough, and of the size its type has. An unknown type
+// passes here: wireguard-go logs it.
 func wellFormed(p []byte) bool {
 	if len(p) < device.MinMessageSize {
 		return false
@@ -48,18 +61,18 @@ func wellFormed(p []byte) bool {
 		return len(p) == device.MessageResponseSize
 	case device.MessageCookieReplyType:
 		return len(p) == device.MessageCookieReplySize
-	case device.MessageTransportType:
-		return len(p) >= device.MessageTransportSize
 	}
-	return false
+	return true
 }
 
-// rejectedFormats are the wireguard-go log messages of a well-formed
-// datagram that failed authentication: a bad MAC, a handshake no peer's
-// key opens. Each is counted as malformed whether or not it is logged.
+// rejectedFormats are the wireguard-go log messages of a datagram of an
+// unknown type, or one that failed authentication: a bad MAC, a handshake
+// no peer's key opens. Each is counted as malformed whether or not it is
+// logged.
 // (Transport messages that fail decryption or name no session are dropped
 // without a message, and are not counted.)
 var rejectedFormats = map[string]bool{
+	"Received message with unknown type":          true,
 	"Received packet with invalid mac1":           true,
 	"Received invalid initiation message from %s": true,
 	"Received invalid response message from %s":   true,

@@ -4,8 +4,11 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.zx2c4.com/wireguard/conn"
 )
 
 // TestMalformedDatagramsCounted sends the device's port what is not
@@ -66,5 +69,19 @@ func TestMalformedDatagramsCounted(t *testing.T) {
 	server.expect(t, pkt)
 	if got := server.dev.Malformed(); got != uint64(len(garbage)) {
 		t.Errorf("Malformed = %d after a real session, want %d", got, len(garbage))
+	}
+}
+
+// TestCountMalformedKeepsDefaultBind: wireguard-go's own bind is not
+// wrapped, so that the device still recognises it (its sticky-socket route
+// listener runs only for a *conn.StdNetBind); other binds are.
+func TestCountMalformedKeepsDefaultBind(t *testing.T) {
+	var n atomic.Uint64
+	std := conn.NewDefaultBind()
+	if got := countMalformed(std, &n); got != std {
+		t.Errorf("the default bind came back as %T", got)
+	}
+	if _, ok := countMalformed(NewAddrBind(netip.MustParseAddr("127.0.0.1")), &n).(*countingBind); !ok {
+		t.Error("an AddrBind was not wrapped")
 	}
 }
