@@ -107,18 +107,22 @@ func counterOf(t *testing.T, srv *Server, name string) float64 {
 // rawGateway is a gateway on one end of an in-memory tunnel whose other
 // end the test reads and writes packets on itself, for what a client
 // stack would not send: a chosen TTL.
-func rawGateway(t *testing.T) (*Server, *memtun.Device) {
+func rawGateway(t *testing.T, mods ...func(*Options)) (*Server, *memtun.Device) {
 	t.Helper()
 	a, b, err := memtun.NewPair(memtun.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := New(Options{
+	opts := Options{
 		Device: b,
 		Addrs:  []netip.Addr{netip.MustParseAddr("100.96.0.1")},
 		Egress: nat.EgressOptions{Ports: slice, DialTimeout: time.Second},
 		Policy: nat.PolicyOptions{Allow: loopback},
-	})
+	}
+	for _, mod := range mods {
+		mod(&opts)
+	}
+	srv, err := New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
