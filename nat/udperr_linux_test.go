@@ -279,3 +279,56 @@ func TestUDPReadDoesNotAllocate(t *testing.T) {
 		t.Errorf("%.1f allocations per datagram, want 0", allocs)
 	}
 }
+
+// TestUDPTimeExceeded6 is TestUDPTimeExceeded over IPv6, with the router
+// at ::1 (loopback has no other address): the error's type is what is
+// checked.
+func TestUDPTimeExceeded6(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("sending a router's ICMPv6 error needs a raw socket (root)")
+	}
+	reports := make(chan icmpReport, 8)
+	f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{}, func(o *UDPOptions) {
+		o.DeliverError = func(remote, client netip.AddrPort, payload []byte, e ICMPError) {
+			reports <- icmpReport{remote, client, string(payload), e}
+		}
+	})
+	srv, ttls := ttlServer(t, "udp6", "[::1]:0")
+	if err := f.udp.SendTTL("p", client6, srv, []byte("probe"), 2); err != nil {
+		t.Fatal(err)
+	}
+	<-ttls
+	v, ok := f.udp.maps.Load(client6)
+	if !ok {
+		t.Fatal("no mapping")
+	}
+	egress := v.(*udpMapping).egress
+
+	q := make([]byte, 48, 48+5)
+	q[0], q[6], q[7] = 0x60, 17, 0
+	binary.BigEndian.PutUint16(q[4:6], 8+5)
+	copy(q[8:24], egress.Addr().AsSlice())
+	copy(q[24:40], srv.Addr().AsSlice())
+	binary.BigEndian.PutUint16(q[40:42], egress.Port())
+	binary.BigEndian.PutUint16(q[42:44], srv.Port())
+	binary.BigEndian.PutUint16(q[44:46], 8+5)
+	q = append(q, "probe"...)
+	msg := append([]byte{3, 0, 0, 0, 0, 0, 0, 0}, q...) // the kernel sums ICMPv6
+
+	rs, err := unix.Socket(unix.AF_INET6, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMPV6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(rs)
+	if err := unix.Sendto(rs, msg, 0, &unix.SockaddrInet6{Addr: egress.Addr().As16()}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-reports:
+		if !r.err.TimeExceeded || r.err.From != netip.IPv6Loopback() || r.remote != srv || r.client != client6 || r.payload != "probe" {
+			t.Errorf("reported %+v, want time exceeded at ::1 for %v -> %v", r, client6, srv)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("no time exceeded reported")
+	}
+}
