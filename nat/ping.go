@@ -22,6 +22,12 @@ import (
 // destination's family.
 var ErrPingUnavailable = errors.New("nat: no ICMP socket available (ping_group_range excludes us and no raw socket permission)")
 
+// ErrPingGroup is returned (wrapped) by Pinger.Echo for a broadcast or
+// multicast destination: the Pinger hands back only the reply of the one
+// destination it asked, and answers from any number of hosts, the gateway
+// host among them, are not that.
+var ErrPingGroup = errors.New("nat: ping: broadcast and multicast destinations are not relayed")
+
 // maxICMPMessage is the largest ICMP message an IP datagram can carry.
 const maxICMPMessage = 65535
 
@@ -196,6 +202,9 @@ func (p *Pinger) EchoTTL(peer string, src, dst netip.Addr, id, seq uint16, paylo
 	src, dst = src.Unmap(), dst.Unmap().WithZone("")
 	if !src.IsValid() || !dst.IsValid() || src.Is4() != dst.Is4() {
 		return fmt.Errorf("nat: ping: echo from %s to %s: addresses of one family required", src, dst)
+	}
+	if dst.IsMulticast() || dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+		return fmt.Errorf("%w: echo to %s", ErrPingGroup, dst)
 	}
 	if len(payload) > maxICMPMessage-8-40 {
 		return fmt.Errorf("nat: ping: echo to %s: payload of %d bytes is too large", dst, len(payload))

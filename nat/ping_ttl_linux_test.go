@@ -120,3 +120,21 @@ func TestPingerTTLDatagram(t *testing.T) {
 	setPingGroupRange(t, "0 2147483647")
 	checkEchoTTL(t, false)
 }
+
+// TestPingerRefusesGroups: broadcast and multicast destinations are
+// refused before any socket is opened, whatever the host allows.
+func TestPingerRefusesGroups(t *testing.T) {
+	p, _, _ := ttlPinger(t, false)
+	for _, dst := range []string{"255.255.255.255", "224.0.0.1", "ff02::1"} {
+		src := pingClient4
+		if netip.MustParseAddr(dst).Is6() {
+			src = pingClient6
+		}
+		if err := p.Echo("peer-a", src, netip.MustParseAddr(dst), 1, 1, []byte("all of you")); !errors.Is(err, ErrPingGroup) {
+			t.Errorf("Echo to %s: %v, want ErrPingGroup", dst, err)
+		}
+	}
+	if p.table.Len() != 0 {
+		t.Errorf("%d flows for refused echoes", p.table.Len())
+	}
+}

@@ -69,6 +69,9 @@ func (s *Server) refuse(err error, limit netstack.Refusal) error {
 		return netstack.Refuse(limit, err)
 	case errors.Is(err, nat.ErrPingUnavailable):
 		return netstack.Refuse(netstack.RefuseDrop, err)
+	case errors.Is(err, nat.ErrPingGroup):
+		s.refusals[RefusedPolicy].Add(1)
+		return netstack.Refuse(netstack.RefuseDrop, err)
 	}
 	s.refusals[RefusedDial].Add(1)
 	return err
