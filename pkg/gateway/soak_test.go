@@ -596,7 +596,9 @@ func TestSoak(t *testing.T) {
 		Addrs:     []netip.Addr{gatewayV4},
 		Egress:    nat.EgressOptions{Ports: slice, DialTimeout: time.Second},
 		Policy:    nat.PolicyOptions{Allow: loopback},
-		Limits:    nat.LimiterOptions{Default: nat.Limits{NewFlowsPerSecond: 200, Burst: 100, MaxFlows: 256}},
+		// Churn must fit under the rate; the connect flood meets the
+		// concurrent-flow limit.
+		Limits: nat.LimiterOptions{Default: nat.Limits{NewFlowsPerSecond: 2000, Burst: 1000, MaxFlows: 256}},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -723,7 +725,20 @@ func TestSoak(t *testing.T) {
 
 		stopChurn()
 		wg.Wait()
-		t.Logf("round %d: churn: %d FIN, %d RST, %d half-close, %d failed", round, cc.fin.Load(), cc.rst.Load(), cc.half.Load(), cc.failed.Load())
+		st := srv.Stats()
+		refused := map[string]uint64{}
+		for i, n := range st.Refused {
+			if n > 0 {
+				refused[RefusalNames[i]] = n
+			}
+		}
+		t.Logf("round %d: churn: %d FIN, %d RST, %d half-close, %d failed; refusals so far %v; egress exhausted %d times",
+			round, cc.fin.Load(), cc.rst.Load(), cc.half.Load(), cc.failed.Load(), refused, st.Egress.Exhausted)
+		for _, l := range st.Limits {
+			if strings.HasPrefix(l.Peer, "churn") {
+				t.Logf("round %d: %s limits %+v", round, l.Peer, l)
+			}
+		}
 		if cc.fin.Load() == 0 || cc.rst.Load() == 0 || cc.half.Load() == 0 {
 			t.Errorf("round %d: a churn mode never completed", round)
 		}
@@ -733,15 +748,18 @@ func TestSoak(t *testing.T) {
 		u := settle(t, srv, base, fmt.Sprintf("round %d", round))
 		t.Logf("round %d: after the load: %v", round, u)
 		// Memory is bounded by limits, not by how long the gateway ran:
-		// the first round grows it to the working set of this load (a
-		// sanity bound only: gVisor's and WireGuard's pools keep what
-		// they took), and later rounds must not grow it further.
-		if u.heapKB > base.heapKB+512<<10 {
+		// the first round grows it to the working set of this load, and
+		// later rounds must not grow it further. The bound on the first
+		// is a sanity bound only: most of what it holds is the test's
+		// own client stacks, whose closed connections sit in TIME_WAIT
+		// with their buffers (a heap profile, SOAK_HEAPPROFILE, shows
+		// it), and WireGuard's pools.
+		if u.heapKB > base.heapKB+1<<20 {
 			t.Errorf("round %d: live heap %d MiB, from %d MiB at the start", round, u.heapKB>>10, base.heapKB>>10)
 		}
-		rssSlack := int64(1 << 20)
+		rssSlack := int64(2 << 20)
 		if soakRace {
-			rssSlack = 4 << 20 // -race's shadow memory
+			rssSlack = 6 << 20 // -race's shadow memory
 		}
 		if u.rssKB > base.rssKB+rssSlack {
 			t.Errorf("round %d: RSS %d MiB, from %d MiB at the start", round, u.rssKB>>10, base.rssKB>>10)
