@@ -255,18 +255,24 @@ func (u *UDPMapper) Send(peer string, src, dst netip.AddrPort, payload []byte) e
 	return u.send(peer, src, sameFamily(dst, src.Addr()), payload, 0)
 }
 
-// defaultTTL is the TTL (hop limit) the kernel gives egress datagrams,
+// defaultTTL is the TTL (hop limit) the kernel gives egress packets,
 // Linux's default for both.
 const defaultTTL = 64
 
+// probeTTL bounds the TTLs that SendTTL sets: below it a datagram is taken
+// for one of traceroute's probes (which go to 30 hops by default), from it
+// up for an ordinary datagram, which a client's stack starts at 64 or 128
+// and which is better off batched with the kernel's default.
+const probeTTL = 32
+
 // SendTTL is SendLater for a datagram that is to leave with TTL (IPv6:
-// hop limit) ttl, what the client gave it less the gateway's own hop. A
-// ttl the kernel's default would not lower (0 for unknown, or 64 and up)
-// changes nothing. A lower one, as traceroute sends, leaves at once and
-// alone with that TTL, so that the routers past the gateway answer it
-// (with time exceeded, which comes back through DeliverError).
+// hop limit) ttl, what the client gave it less the gateway's own hop.
+// Only a ttl below probeTTL changes anything (0 is unknown): such a
+// datagram, one of traceroute's probes, leaves at once and alone with that
+// TTL, so that the routers past the gateway answer it (with time exceeded,
+// which comes back through DeliverError).
 func (u *UDPMapper) SendTTL(peer string, src, dst netip.AddrPort, payload []byte, ttl uint8) error {
-	if ttl == 0 || ttl >= defaultTTL {
+	if ttl == 0 || ttl >= probeTTL {
 		return u.SendLater(peer, src, dst, payload)
 	}
 	dst = sameFamily(dst, src.Addr())

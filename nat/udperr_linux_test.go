@@ -157,7 +157,7 @@ func TestUDPSendTTL(t *testing.T) {
 			for _, tc := range []struct {
 				ttl  uint8
 				want int
-			}{{3, 3}, {1, 1}, {0, defaultTTL}, {127, defaultTTL}, {63, 63}} {
+			}{{3, 3}, {1, 1}, {31, 31}, {0, defaultTTL}, {127, defaultTTL}, {63, defaultTTL}, {32, defaultTTL}} {
 				if err := f.udp.SendTTL("p", client, srv, []byte("probe"), tc.ttl); err != nil {
 					t.Fatal(err)
 				}
@@ -172,6 +172,33 @@ func TestUDPSendTTL(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestUDPSendTTLBatches: datagrams with an ordinary TTL (a Linux client's
+// 64, less the gateway's hop) still leave batched.
+func TestUDPSendTTLBatches(t *testing.T) {
+	f := newUDPFixture(t, FilterAddressPortDependent, TableOptions{})
+	srv, ttls := ttlServer(t, "udp4", "127.0.0.1:0")
+	for range 4 {
+		if err := f.udp.SendTTL("p", client1, srv, []byte("same size"), 63); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.udp.Flush()
+	for range 4 {
+		select {
+		case <-ttls:
+		case <-time.After(3 * time.Second):
+			t.Fatal("a datagram did not arrive")
+		}
+	}
+	// The first leaves at once; the three behind it wait for Flush.
+	if f.udp.noGSO.Load() {
+		t.Skip("this kernel does not segment UDP: nothing is coalesced")
+	}
+	if got := f.udp.Stats().Coalesced; got != 3 {
+		t.Errorf("%d datagrams left coalesced, want 3", got)
 	}
 }
 
