@@ -303,12 +303,14 @@ func (l *lossLab) installLoss(t *testing.T, ctx context.Context) {
 
 var lossCounterRE = regexp.MustCompile(`counter packets (\d+) bytes (\d+) numgen random mod 100 < \d+ counter packets (\d+)`)
 
-// checkLossApplied checks that each rule dropped about lossPercent % of
-// what it saw: the transfers really crossed a lossy path. What nftables
-// sees are the kernel's packets, and a UDP GSO send (or GRO on the veth)
-// is one packet of several datagrams: a drop loses the whole batch.
-func (l *lossLab) checkLossApplied(t *testing.T) {
+// lossCounters is what one of the loss rules counted.
+type lossCounters struct{ packets, bytes, dropped float64 }
+
+// counters reads the loss rules' counters: client to gateway, then
+// gateway to client.
+func (l *lossLab) counters(t *testing.T) [2]lossCounters {
 	t.Helper()
+	var c [2]lossCounters
 	out, stderr, _, err := e2eRunTool(context.Background(), l.g, 10*time.Second, "nft", "list", "table", "inet", lossNftTable)
 	if err != nil {
 		t.Fatalf("nft list table: %v: %s", err, stderr)
@@ -317,16 +319,30 @@ func (l *lossLab) checkLossApplied(t *testing.T) {
 	if len(m) != 2 {
 		t.Fatalf("nft list table: want two rules with two counters each:\n%s", out)
 	}
-	for i, dir := range []string{"client to gateway", "gateway to client"} {
-		seen, _ := strconv.ParseFloat(m[i][1], 64)
-		bytes, _ := strconv.ParseFloat(m[i][2], 64)
-		dropped, _ := strconv.ParseFloat(m[i][3], 64)
-		t.Logf("%s: %.0f packets (%.0f bytes each on average), %.0f dropped (%.2f %%)", dir, seen, bytes/max(seen, 1), dropped, 100*dropped/seen)
+	for i := range c {
+		c[i].packets, _ = strconv.ParseFloat(m[i][1], 64)
+		c[i].bytes, _ = strconv.ParseFloat(m[i][2], 64)
+		c[i].dropped, _ = strconv.ParseFloat(m[i][3], 64)
+	}
+	return c
+}
+
+var lossDirections = [2]string{"client to gateway", "gateway to client"}
+
+// checkLossApplied checks that each rule dropped about lossPercent % of
+// what it saw: the transfers really crossed a lossy path. What nftables
+// sees are the kernel's packets, and a UDP GSO send (or GRO on the veth)
+// is one packet of several datagrams: a drop loses the whole batch.
+func (l *lossLab) checkLossApplied(t *testing.T) {
+	t.Helper()
+	for i, c := range l.counters(t) {
+		dir := lossDirections[i]
+		t.Logf("%s: %.0f packets (%.0f bytes each on average), %.0f dropped (%.2f %%)", dir, c.packets, c.bytes/max(c.packets, 1), c.dropped, 100*c.dropped/c.packets)
 		// A binomial draw: five standard deviations either way.
 		p := float64(lossPercent) / 100
-		want, sd := seen*p, math.Sqrt(seen*p*(1-p))
-		if seen < 1000 || dropped < want-5*sd || dropped > want+5*sd {
-			t.Errorf("%s: %.0f of %.0f packets dropped, want %.0f ± %.0f of at least 1000", dir, dropped, seen, want, 5*sd)
+		want, sd := c.packets*p, math.Sqrt(c.packets*p*(1-p))
+		if c.packets < 1000 || c.dropped < want-5*sd || c.dropped > want+5*sd {
+			t.Errorf("%s: %.0f of %.0f packets dropped, want %.0f ± %.0f of at least 1000", dir, c.dropped, c.packets, want, 5*sd)
 		}
 	}
 }
@@ -544,6 +560,20 @@ func (w lossProgressWriter) Write(p []byte) (int, error) {
 func (l *lossLab) stalled(t *testing.T, format string, args ...any) {
 	t.Helper()
 	msg := fmt.Sprintf(format, args...)
+	t.Logf("stalled: %s", msg)
+	// Whether anything still crosses the wire tells a silent sender
+	// from a receiver that ignores what it gets.
+	before := l.counters(t)
+	time.Sleep(5 * time.Second)
+	after := l.counters(t)
+	for i := range before {
+		t.Logf("%s in the 5s after the stall: %.0f packets, %.0f bytes, %.0f dropped", lossDirections[i],
+			after[i].packets-before[i].packets, after[i].bytes-before[i].bytes, after[i].dropped-before[i].dropped)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	flows, err := l.api.Flows(ctx, admin.FlowFilter{})
+	cancel()
+	t.Logf("the gateway's flows at the stall (%v): %+v", err, flows)
 	if m := l.metrics(t); m != "" {
 		var b strings.Builder
 		for line := range strings.Lines(m) {
