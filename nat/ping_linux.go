@@ -137,13 +137,24 @@ func (s *icmpSocket) sendTo(msg []byte, dst netip.Addr, ttl uint8) error {
 		oob = ttlControl(!s.v6, ttl)
 	}
 	var serr error
+	retried := false
 	err := s.rc.Write(func(fd uintptr) bool {
-		if oob == nil {
-			serr = unix.Sendto(int(fd), msg, 0, sa)
-		} else {
-			serr = unix.Sendmsg(int(fd), msg, oob, sa, 0)
+		for {
+			if oob == nil {
+				serr = unix.Sendto(int(fd), msg, 0, sa)
+			} else {
+				serr = unix.Sendmsg(int(fd), msg, oob, sa, 0)
+			}
+			if serr != nil && !s.raw && !retried && asyncSendError(serr) {
+				// An ICMP error queued for an earlier request
+				// (IP_RECVERR) is returned by the next send: the reader
+				// reports that one from the queue, and this request is
+				// sent again.
+				retried = true
+				continue
+			}
+			return serr != unix.EAGAIN
 		}
-		return serr != unix.EAGAIN
 	})
 	if err != nil {
 		return err

@@ -138,3 +138,69 @@ func TestPingerRefusesGroups(t *testing.T) {
 		t.Errorf("%d flows for refused echoes", p.table.Len())
 	}
 }
+
+// TestPingSendAfterQueuedError: an ICMP error queued for one request and
+// not yet read does not fail the next request on the same socket, which
+// the kernel would otherwise return it from.
+func TestPingSendAfterQueuedError(t *testing.T) {
+	enterLoopbackNetns(t)
+	setPingGroupRange(t, "0 2147483647")
+	s, err := openICMP(false, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.close()
+	id, err := s.localID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, err := echoRequest(false, id, 1, []byte("first"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.sendTo(msg, lo4, 2); err != nil {
+		t.Fatal(err)
+	}
+	// A router's time exceeded for it, quoting it as sent.
+	q := make([]byte, 20, 20+len(msg))
+	q[0], q[8], q[9] = 0x45, 0, 1
+	binary.BigEndian.PutUint16(q[2:4], uint16(20+len(msg)))
+	copy(q[12:16], lo4.AsSlice())
+	copy(q[16:20], lo4.AsSlice())
+	q = append(q, msg...)
+	binary.BigEndian.PutUint16(q[24:26], id)
+	binary.BigEndian.PutUint16(q[22:24], 0)
+	binary.BigEndian.PutUint16(q[22:24], icmpChecksum(q[20:]))
+	te := append([]byte{11, 0, 0, 0, 0, 0, 0, 0}, q...)
+	binary.BigEndian.PutUint16(te[2:4], icmpChecksum(te))
+	rs, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(rs)
+	if err := unix.Sendto(rs, te, 0, &unix.SockaddrInet4{Addr: lo4.As4()}); err != nil {
+		t.Fatal(err)
+	}
+	// Wait until the error is queued, without reading it.
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		var serr int
+		s.rc.Control(func(fd uintptr) { serr, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR) })
+		if serr != 0 {
+			// SO_ERROR read it; queue another the same way.
+			if err := unix.Sendto(rs, te, 0, &unix.SockaddrInet4{Addr: lo4.As4()}); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(50 * time.Millisecond)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the time exceeded was never queued on the socket")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	msg2, _ := echoRequest(false, id, 2, []byte("second"))
+	if err := s.sendTo(msg2, lo4, 0); err != nil {
+		t.Fatalf("the next request failed with the earlier one's error: %v", err)
+	}
+}
