@@ -84,6 +84,8 @@ const (
 const (
 	ccReno  = "reno"
 	ccCubic = "cubic"
+	// sluice: not in upstream gVisor.
+	ccBBR = "bbr"
 )
 
 // +stateify savable
@@ -583,7 +585,7 @@ func newProtocol(s *stack.Stack, cc string, probe TCPProbeFunc) stack.TransportP
 		},
 		sackEnabled:                true,
 		congestionControl:          cc,
-		availableCongestionControl: []string{ccReno, ccCubic},
+		availableCongestionControl: []string{ccReno, ccCubic, ccBBR},
 		moderateReceiveBuffer:      true,
 		lingerTimeout:              DefaultTCPLingerTimeout,
 		timeWaitTimeout:            DefaultTCPTimeWaitTimeout,

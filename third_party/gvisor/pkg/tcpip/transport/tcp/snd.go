@@ -339,6 +339,8 @@ func (s *sender) initCongestionControl(congestionControlName tcpip.CongestionCon
 	switch congestionControlName {
 	case ccCubic:
 		return newCubicCC(s)
+	case ccBBR:
+		return newBBRCC(s)
 	case ccReno:
 		fallthrough
 	default:

@@ -1,0 +1,226 @@
+// Copyright 2026 The sluice Authors.
+//
+// Licensed under the Apache License, Version 2.0 (the "License");
+// you may not use this file except in compliance with the License.
+// You may obtain a copy of the License at
+//
+//     http://www.apache.org/licenses/LICENSE-2.0
+//
+// Unless required by applicable law or agreed to in writing, software
+// distributed under the License is distributed on an "AS IS" BASIS,
+// WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+// See the License for the specific language governing permissions and
+// limitations under the License.
+
+package tcp
+
+import (
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/seqnum"
+)
+
+// sluice: not in upstream gVisor.
+//
+// bbrState is a model-based congestion control after BBR (v1): the window
+// follows the path's measured bandwidth-delay product instead of backing
+// off on every loss. Loss-based controls (reno, cubic) hold a window of a
+// dozen packets on a link that drops 1 % of packets at random whatever its
+// capacity, which is what a Wi-Fi or mobile client's path often is; a
+// Linux server with BBR keeps its speed there, and a gateway that
+// re-originates the client's connections must not do worse than the
+// server behind it would have done end to end.
+//
+// gVisor does not pace, so this keeps BBR's estimates and its window but
+// not its pacing gains: the window is twice the estimated BDP plus room
+// for the ACKs that GRO and delayed ACKs aggregate, which bounds the queue
+// it can build to about one BDP and lets the bandwidth estimate grow by up
+// to 2x a round when the path has more to give.
+type bbrState struct {
+	s *sender
+
+	startup     bool // growing like slow start until the bandwidth stops growing
+	fullBWCount int  // rounds in startup without 25 % more bandwidth
+	fullBW      float64
+
+	// Rounds: a round ends when the data sent at its start is acked.
+	roundEnd seqnum.Value
+
+	// Delivery rate, in packets a second: the max over the last
+	// bbrBWRounds rounds of one sample per round.
+	roundStart  tcpip.MonotonicTime
+	roundUna    seqnum.Value
+	bwSamples   [bbrBWRounds]float64
+	bwIdx       int
+	maxBW       float64
+	minRTT      time.Duration
+	minRTTStamp tcpip.MonotonicTime
+
+	// ProbeRTT: when minRTT has not been seen again for bbrMinRTTWindow,
+	// the window drops to bbrMinCwnd for a while so that the queue drains
+	// and the true minimum can be seen again.
+	probing       bool
+	probeRTTUntil tcpip.MonotonicTime
+	probeMinRTT   time.Duration
+	target        int // the window outside ProbeRTT and timeouts
+}
+
+const (
+	bbrBWRounds     = 10
+	bbrMinRTTWindow = 10 * time.Second
+	bbrProbeRTTTime = 200 * time.Millisecond
+	bbrMinCwnd      = 4
+	bbrCwndGain     = 2.0
+	// Room for aggregated ACKs, in packets: about two 64 KiB GSO
+	// segments, as Linux's BBR adds 3 TSO segments.
+	bbrAckAggregation = 90
+)
+
+func newBBRCC(s *sender) *bbrState {
+	now := s.ep.stack.Clock().NowMonotonic()
+	return &bbrState{
+		s:           s,
+		startup:     true,
+		roundEnd:    s.SndNxt,
+		roundStart:  now,
+		roundUna:    s.SndUna,
+		minRTTStamp: now,
+		target:      InitialCwnd,
+	}
+}
+
+// rttSample is the most precise RTT the sender has: RACK's, measured from
+// nanosecond send times; the smoothed RTT comes from millisecond
+// timestamps when both ends send them.
+func (b *bbrState) rttSample(rtt time.Duration) time.Duration {
+	if r := b.s.rc.RTT; r > 0 {
+		return r
+	}
+	return rtt
+}
+
+// Update implements congestionControl.Update.
+//
+// +checklocks:b.s.ep.mu
+func (b *bbrState) Update(packetsAcked int, rtt time.Duration) {
+	s := b.s
+	now := s.ep.stack.Clock().NowMonotonic()
+
+	if r := b.rttSample(rtt); r > 0 {
+		if b.minRTT == 0 || r < b.minRTT {
+			b.minRTT, b.minRTTStamp = r, now
+		}
+		if b.probing && (b.probeMinRTT == 0 || r < b.probeMinRTT) {
+			b.probeMinRTT = r
+		}
+	}
+	if b.probing && now.After(b.probeRTTUntil) {
+		b.probing = false
+		if b.probeMinRTT > 0 {
+			b.minRTT = b.probeMinRTT
+		}
+		b.minRTTStamp = now
+	}
+
+	if !b.roundEnd.LessThan(s.SndUna) && s.SndUna != s.SndNxt {
+		// The round goes on.
+		b.grow(packetsAcked)
+		return
+	}
+
+	// A round ended: one bandwidth sample, from the data acked in it. A
+	// round shorter than the minimum RTT (its first byte was sent before
+	// it began) counts as one minimum RTT, which keeps ACKs that arrive
+	// together from reading as a burst of bandwidth.
+	elapsed := max(now.Sub(b.roundStart), b.minRTT)
+	if elapsed > 0 {
+		mss := s.MaxPayloadSize
+		if mss <= 0 {
+			mss = 1
+		}
+		pkts := float64(b.roundUna.Size(s.SndUna)) / float64(mss)
+		b.bwSamples[b.bwIdx] = pkts / elapsed.Seconds()
+		b.bwIdx = (b.bwIdx + 1) % bbrBWRounds
+		b.maxBW = 0
+		for _, bw := range b.bwSamples {
+			b.maxBW = max(b.maxBW, bw)
+		}
+	}
+	b.roundEnd, b.roundStart, b.roundUna = s.SndNxt, now, s.SndUna
+
+	if b.startup {
+		if b.maxBW >= b.fullBW*1.25 {
+			b.fullBW, b.fullBWCount = b.maxBW, 0
+		} else if b.fullBWCount++; b.fullBWCount >= 3 {
+			b.startup = false
+		}
+	}
+	b.target = b.window()
+	if b.startup {
+		b.target = max(b.target, s.SndCwnd)
+	}
+
+	if !b.startup && !b.probing && now.Sub(b.minRTTStamp) > bbrMinRTTWindow {
+		b.probing = true
+		b.probeRTTUntil = now.Add(max(bbrProbeRTTTime, b.minRTT))
+		b.probeMinRTT = 0
+	}
+	b.grow(packetsAcked)
+}
+
+// window is the window the model asks for: twice the BDP and room for
+// aggregated ACKs.
+func (b *bbrState) window() int {
+	bdp := b.maxBW * b.minRTT.Seconds()
+	return max(bbrMinCwnd, int(bbrCwndGain*bdp)+bbrAckAggregation)
+}
+
+// grow moves the window toward the target: by the packets acked, as slow
+// start does, so that a window cut by a timeout comes back within a round.
+func (b *bbrState) grow(packetsAcked int) {
+	s := b.s
+	if b.probing {
+		s.SndCwnd = bbrMinCwnd
+		return
+	}
+	if b.startup {
+		s.SndCwnd += packetsAcked
+		return
+	}
+	if s.SndCwnd < b.target {
+		s.SndCwnd = min(b.target, s.SndCwnd+packetsAcked)
+	} else {
+		s.SndCwnd = b.target
+	}
+	// Recovery sets the window from ssthresh: keep it at the model's.
+	s.Ssthresh = max(b.target, 2)
+}
+
+// HandleLossDetected implements congestionControl.HandleLossDetected. Loss
+// is not a signal of congestion to the model; recovery keeps the window,
+// less the three packets enterRecovery adds.
+//
+// +checklocks:b.s.ep.mu
+func (b *bbrState) HandleLossDetected() {
+	b.s.Ssthresh = max(b.s.SndCwnd-3, 2)
+}
+
+// HandleRTOExpired implements congestionControl.HandleRTOExpired: after a
+// timeout the window restarts from one packet and grows back to the
+// model's by the packets acked.
+//
+// +checklocks:b.s.ep.mu
+func (b *bbrState) HandleRTOExpired() {
+	b.s.Ssthresh = max(b.target, 2)
+	b.s.SndCwnd = 1
+}
+
+// PostRecovery implements congestionControl.PostRecovery.
+//
+// +checklocks:b.s.ep.mu
+func (b *bbrState) PostRecovery() {
+	if !b.startup {
+		b.s.SndCwnd = max(b.s.SndCwnd, min(b.target, b.s.Ssthresh))
+	}
+}
