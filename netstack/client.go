@@ -58,6 +58,11 @@ type ClientOptions struct {
 	// own doing.
 	TrustChecksums bool
 
+	// CongestionControl is the congestion control of the client's TCP:
+	// CongestionBBR, CongestionCubic or CongestionReno
+	// [DefaultCongestionControl].
+	CongestionControl string
+
 	// Logger receives the stack's logs, at Debug; nil means none.
 	Logger *zap.Logger
 }
@@ -103,6 +108,9 @@ func (o *ClientOptions) setDefaults() error {
 	}
 	if has6 && o.MTU < header.IPv6MinimumMTU {
 		return fmt.Errorf("netstack: ClientOptions.MTU: %d is below IPv6's minimum of %d", o.MTU, header.IPv6MinimumMTU)
+	}
+	if err := checkCongestionControl("ClientOptions.CongestionControl", &o.CongestionControl); err != nil {
+		return err
 	}
 	if o.QueueLen == 0 {
 		o.QueueLen = defaultClientQueueLen
@@ -228,16 +236,8 @@ func (c *Client) configure() error {
 		}
 	}
 	c.stack.SetRouteTable(table)
-	for _, opt := range []tcpip.SettableTransportProtocolOption{
-		ptr(tcpip.TCPSACKEnabled(true)),
-		ptr(tcpip.TCPModerateReceiveBufferOption(true)),
-		ptr(tcpip.CongestionControlOption("cubic")),
-		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
-		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
-	} {
-		if err := c.stack.SetTransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {
-			return fmt.Errorf("netstack: TCP option %T: %s", opt, err)
-		}
+	if err := tuneTCP(c.stack, c.opts.CongestionControl); err != nil {
+		return err
 	}
 	return nil
 }

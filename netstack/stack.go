@@ -81,6 +81,11 @@ type Options struct {
 	// came: the stack reassembles them unchecked.
 	VirtioNetHdr bool
 
+	// CongestionControl is the TCP congestion control of the connections
+	// to clients: CongestionBBR, CongestionCubic or CongestionReno
+	// [DefaultCongestionControl].
+	CongestionControl string
+
 	// Logger receives the stack's logs; nil means none.
 	Logger *zap.Logger
 }
@@ -127,6 +132,9 @@ func (o *Options) setDefaults() error {
 	}
 	if o.ICMPErrorRate == 0 {
 		o.ICMPErrorRate = 1000
+	}
+	if err := checkCongestionControl("Options.CongestionControl", &o.CongestionControl); err != nil {
+		return err
 	}
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
@@ -213,21 +221,12 @@ func (s *Stack) configure() error {
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
 
-	for _, opt := range []tcpip.SettableTransportProtocolOption{
-		ptr(tcpip.TCPSACKEnabled(true)),
-		ptr(tcpip.TCPModerateReceiveBufferOption(true)),
-		ptr(tcpip.CongestionControlOption("cubic")),
-		// gVisor hands a new SYN that meets a TIME_WAIT endpoint only to a
-		// listener, and the gateway has none: a client that reuses its
-		// port within TIME_WAIT would hang. A second covers old duplicates
-		// on a tunnel whose round trips are milliseconds.
-		ptr(tcpip.TCPTimeWaitTimeoutOption(time.Second)),
-		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
-		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 1 << 20, Max: 8 << 20},
-	} {
-		if err := s.stack.SetTransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {
-			return fmt.Errorf("netstack: TCP option %T: %s", opt, err)
-		}
+	// gVisor hands a new SYN that meets a TIME_WAIT endpoint only to a
+	// listener, and the gateway has none: a client that reuses its port
+	// within TIME_WAIT would hang. A second covers old duplicates on a
+	// tunnel whose round trips are milliseconds.
+	if err := tuneTCP(s.stack, s.opts.CongestionControl, ptr(tcpip.TCPTimeWaitTimeoutOption(time.Second))); err != nil {
+		return err
 	}
 
 	s.tcp = newTCPForwarder(s)
