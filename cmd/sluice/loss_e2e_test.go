@@ -280,7 +280,10 @@ func startLossLab(t *testing.T) *lossLab {
 // installLoss drops lossPercent % of the tunnel's datagrams in each
 // direction, in G before anything else sees them on the way in and after
 // everything else on the way out. Each rule counts what it saw and what
-// it dropped.
+// it dropped. A drop on the way out is not quite loss on the wire: the
+// kernel tells the gateway's sendmmsg EPERM, and the bind gives up the
+// rest of that batch too (logged as "Failed to send data packets"), so
+// the gateway's datagrams are lost in longer bursts than the client's.
 func (l *lossLab) installLoss(t *testing.T, ctx context.Context) {
 	t.Helper()
 	rules := fmt.Sprintf(`table inet %[1]s {
