@@ -8,6 +8,8 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
+	"strconv"
 	"testing"
 	"time"
 
@@ -54,6 +56,22 @@ func burstLoss(every, burst int) lossyWire {
 	}
 }
 
+// finLoss loses the first n segments toward the client that carry a FIN:
+// the end of a transfer and the tail loss probe that repeats it.
+func finLoss(n int) lossyWire {
+	return func(toClient bool, _ int, pkt []byte) bool {
+		if !toClient || n == 0 || len(pkt) < 20 || pkt[0]>>4 != 4 || pkt[9] != 6 {
+			return false
+		}
+		ihl := int(pkt[0]&0xf) * 4
+		if len(pkt) < ihl+14 || pkt[ihl+13]&0x01 == 0 {
+			return false
+		}
+		n--
+		return true
+	}
+}
+
 // TestTCPRecoversFromLoss moves data each way between a client and a
 // server through the stack over a wire that loses packets, and checks
 // that every byte arrives and that the stack recovered by retransmitting
@@ -74,6 +92,7 @@ func TestTCPRecoversFromLoss(t *testing.T) {
 		{"bursts/cubic", func() lossyWire { return burstLoss(400, 30) }, CongestionCubic, 3},
 		{"random2%/bbr", func() lossyWire { return randomLoss(2) }, CongestionBBR, 10},
 		{"random2%/cubic", func() lossyWire { return randomLoss(2) }, CongestionCubic, 10},
+		{"fin/bbr", func() lossyWire { return finLoss(3) }, CongestionBBR, 5},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := &dialHandler{udp: map[netip.AddrPort]*net.UDPConn{}, echoFor: map[netip.Addr]bool{}}
@@ -166,4 +185,64 @@ func serveOnce(t *testing.T, fn func(net.Conn)) netip.AddrPort {
 		fn(c)
 	}()
 	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// TestTCPManyTransfersUnderLoss runs transfers one after another, each
+// ending with a FIN each way, over a wire that loses 3 % of the packets
+// each way: a connection whose last segments are lost must still end. One
+// transfer in a few hundred waited for good when the sender's pipe
+// estimate had fallen to 0 with a FIN unacknowledged, since nothing armed
+// the retransmission timer. SLUICE_LOSS_TRANSFERS sets the count (make
+// soak runs 400); make test runs 30.
+func TestTCPManyTransfersUnderLoss(t *testing.T) {
+	n := 30
+	if v := os.Getenv("SLUICE_LOSS_TRANSFERS"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil {
+			t.Fatalf("SLUICE_LOSS_TRANSFERS: %v", err)
+		}
+	}
+	h := &dialHandler{udp: map[netip.AddrPort]*net.UDPConn{}, echoFor: map[netip.Addr]bool{}}
+	s, err := New(Options{Handler: h})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.s = s
+	client, err := netstacktest.NewClient([]netip.Addr{clientV4, clientV6}, 1420)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wait := netstacktest.JoinWith(s, client, netstacktest.JoinOptions{Drop: randomLoss(3)})
+	t.Cleanup(func() {
+		client.Close()
+		s.Close()
+		wait()
+		h.close()
+	})
+	for i := range n {
+		down := pseudoRandom(256<<10+i*37, uint64(i))
+		srv := serveOnce(t, func(c net.Conn) {
+			io.Copy(io.Discard, c)
+			c.Write(down)
+		})
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		c, err := client.DialContext(ctx, "tcp", srv.String())
+		cancel()
+		if err != nil {
+			t.Fatalf("transfer %d: %v", i, err)
+		}
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		c.Write([]byte("go"))
+		c.(interface{ CloseWrite() error }).CloseWrite()
+		got, err := io.ReadAll(c)
+		c.Close()
+		if err != nil {
+			t.Fatalf("transfer %d: %d of %d bytes, then %v", i, len(got), len(down), err)
+		}
+		if !bytes.Equal(got, down) {
+			t.Fatalf("transfer %d: got %d bytes, not the %d sent", i, len(got), len(down))
+		}
+	}
+	st := s.Stats()
+	t.Logf("%d transfers: %d retransmissions, %d on timeouts", n, st.Retransmits, st.Timeouts)
 }

@@ -1099,11 +1099,13 @@ func (s *sender) postXmit(dataSent bool, shouldScheduleProbe bool) {
 			s.schedulePTO()
 		} else if !s.resendTimer.enabled() {
 			s.probeTimer.disable()
-			if s.Outstanding > 0 {
-				// Enable the resend timer if it's not enabled yet and there is
-				// outstanding data.
-				s.resendTimer.enable(s.RTO)
-			}
+			// sluice: whatever the pipe estimate says, data that has
+			// not been acknowledged keeps a retransmission timer, as
+			// Linux keeps its RTO armed while packets are out. With
+			// Outstanding at 0 (a lost FIN after a tail loss probe,
+			// segments RACK marked lost), nothing was armed and the
+			// connection waited for good.
+			s.resendTimer.enable(s.RTO)
 		}
 	}
 }
