@@ -31,6 +31,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/sluice-vpn/sluice/nat"
+	"github.com/sluice-vpn/sluice/netstack"
 	"github.com/sluice-vpn/sluice/pkg/state"
 )
 
@@ -236,6 +237,10 @@ type TCP struct {
 	// MaxInFlight bounds the handshakes waiting on their egress dial
 	// (tcp.max_in_flight) [1024].
 	MaxInFlight int
+
+	// CongestionControl is the congestion control of the connections to
+	// clients (tcp.congestion_control): bbr, cubic or reno [bbr].
+	CongestionControl string
 }
 
 // Admin configures the admin API.
@@ -307,7 +312,7 @@ func Default() *Config {
 		},
 		Policy:   Policy{Limits: DefaultLimits},
 		Table:    Table{MaxFlows: DefaultMaxFlows, Timeouts: DefaultTimeouts},
-		TCP:      TCP{MaxInFlight: DefaultMaxInFlight},
+		TCP:      TCP{MaxInFlight: DefaultMaxInFlight, CongestionControl: netstack.DefaultCongestionControl},
 		Log:      Log{Level: zapcore.InfoLevel},
 		Shutdown: Shutdown{Grace: DefaultGrace},
 		Edge:     Edge{DialTimeout: DefaultEdgeDialTimeout, Lease: DefaultEdgeLease},

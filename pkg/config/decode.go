@@ -189,6 +189,7 @@ func (d *decoder) config(n *yaml.Node, c *Config) {
 		})},
 		{"tcp", d.section([]field{
 			{"max_in_flight", d.integer(&c.TCP.MaxInFlight)},
+			{"congestion_control", d.str(&c.TCP.CongestionControl)},
 		})},
 		{"admin", d.section([]field{
 			{"listen", value(d, &c.Admin.Listen, parseAdminListen)},

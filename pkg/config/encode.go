@@ -110,7 +110,8 @@ type fileTimeouts struct {
 }
 
 type fileTCP struct {
-	MaxInFlight int `yaml:"max_in_flight"`
+	MaxInFlight       int    `yaml:"max_in_flight"`
+	CongestionControl string `yaml:"congestion_control"`
 }
 
 type fileAdmin struct {
@@ -160,7 +161,7 @@ func (c *Config) file() *fileConfig {
 				ICMP:           formatDuration(to.ICMP),
 			},
 		},
-		TCP:      fileTCP{MaxInFlight: c.TCP.MaxInFlight},
+		TCP:      fileTCP{MaxInFlight: c.TCP.MaxInFlight, CongestionControl: c.TCP.CongestionControl},
 		Admin:    fileAdmin{Listen: formatAdminListen(c.Admin.Listen), Insecure: c.Admin.Insecure},
 		Log:      fileLog{Level: c.Log.Level.String()},
 		Shutdown: fileShutdown{Grace: formatDuration(c.Shutdown.Grace)},

@@ -19,13 +19,14 @@ import (
 func (c *Config) GatewayOptions() gateway.Options {
 	r := c.Reloadable()
 	return gateway.Options{
-		MTU:          c.MTU,
-		Egress:       c.Egress.Options(),
-		UDPFiltering: c.Egress.UDPFiltering,
-		Policy:       r.Policy,
-		Limits:       r.Limits,
-		Table:        c.Table.Options(),
-		MaxInFlight:  c.TCP.MaxInFlight,
+		MTU:               c.MTU,
+		Egress:            c.Egress.Options(),
+		UDPFiltering:      c.Egress.UDPFiltering,
+		Policy:            r.Policy,
+		Limits:            r.Limits,
+		Table:             c.Table.Options(),
+		MaxInFlight:       c.TCP.MaxInFlight,
+		CongestionControl: c.TCP.CongestionControl,
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sluice-vpn/sluice/nat"
+	"github.com/sluice-vpn/sluice/netstack"
 	"github.com/sluice-vpn/sluice/pkg/state"
 )
 
@@ -76,6 +77,11 @@ func (c *Config) Validate() error {
 		}
 	}
 
+	switch c.TCP.CongestionControl {
+	case netstack.CongestionBBR, netstack.CongestionCubic, netstack.CongestionReno:
+	default:
+		p.add("tcp.congestion_control", "%q is not one of %s, %s, %s", c.TCP.CongestionControl, netstack.CongestionBBR, netstack.CongestionCubic, netstack.CongestionReno)
+	}
 	if c.TCP.MaxInFlight < 1 {
 		p.add("tcp.max_in_flight", "%d is below 1", c.TCP.MaxInFlight)
 	}

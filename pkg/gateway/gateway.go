@@ -70,6 +70,11 @@ type Options struct {
 	// [1024].
 	MaxInFlight int
 
+	// CongestionControl is the TCP congestion control of the connections
+	// to clients: netstack.CongestionBBR, CongestionCubic or
+	// CongestionReno [netstack.DefaultCongestionControl].
+	CongestionControl string
+
 	// Addrs are the gateway's own tunnel addresses. It answers pings and
 	// DNS (UDP and TCP port 53) there, and nothing else.
 	Addrs []netip.Addr
@@ -182,9 +187,10 @@ func New(opts Options) (srv *Server, err error) {
 		relayBuf = 64 << 10
 	}
 	s.stack, err = netstack.New(netstack.Options{
-		Handler:     (*handler)(s),
-		MTU:         opts.MTU,
-		MaxInFlight: opts.MaxInFlight,
+		Handler:           (*handler)(s),
+		MTU:               opts.MTU,
+		MaxInFlight:       opts.MaxInFlight,
+		CongestionControl: opts.CongestionControl,
 		// WireGuard authenticates every packet: a checksum could only be
 		// wrong if the peer made it so, for its own flows.
 		TrustChecksums:  opts.WireGuard != nil,
