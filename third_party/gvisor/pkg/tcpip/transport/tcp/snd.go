@@ -339,7 +339,7 @@ func (s *sender) initCongestionControl(congestionControlName tcpip.CongestionCon
 	switch congestionControlName {
 	case ccCubic:
 		return newCubicCC(s)
-	case ccBBR:
+	case ccBBR: // sluice
 		return newBBRCC(s)
 	case ccReno:
 		fallthrough
@@ -1593,7 +1593,7 @@ func (s *sender) handleRcvdSegment(rcvdSeg *segment) {
 			// indicate spurious retransmissions.
 			if rcvdSeg.ackNumber.LessThan(sb.Start) && s.SndUna.LessThan(sb.Start) && sb.End.LessThanEq(s.SndNxt) && !s.ep.scoreboard.IsSACKED(sb) {
 				s.ep.scoreboard.Insert(sb)
-				s.splitAtSACK(sb)
+				s.splitAtSACK(sb) // sluice
 				rcvdSeg.hasNewSACKInfo = true
 			}
 		}
