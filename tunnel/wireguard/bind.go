@@ -266,16 +266,27 @@ func fillMessages(msgs []ipv6.Message, bufs [][]byte, to *net.UDPAddr, segment b
 	return msgs[:n]
 }
 
-// writeAll writes msgs, going on where a short batch stopped.
+// writeAll writes msgs, going on where a short batch stopped. A message
+// the kernel refuses on its own account (a local firewall's drop, no
+// route, too big) is skipped, so the datagrams after it still go out as
+// they would have in sendmsg calls of their own; the first such error is
+// returned once the rest are sent. Any other error ends the batch.
 func writeAll(bc batchConn, msgs []ipv6.Message) error {
+	var first error
 	for len(msgs) > 0 {
 		n, err := bc.WriteBatch(msgs, 0)
 		if err != nil {
-			return err
+			if !refusesOne(err) {
+				return err
+			}
+			if first == nil {
+				first = err
+			}
+			n = 1 // sendmmsg stops at the message it refused: skip it
 		}
 		msgs = msgs[n:]
 	}
-	return nil
+	return first
 }
 
 // ParseEndpoint implements conn.Bind.

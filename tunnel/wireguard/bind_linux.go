@@ -78,6 +78,21 @@ func appendSegmentSize(oob []byte, size uint16) []byte {
 // disablesSegmentation reports whether a send failed because segmentation
 // offload cannot be used here: udp_send_skb returns EIO when the device
 // has no checksum offload, which UDP_SEGMENT needs.
+// refusesOne tells an error that concerns one datagram of a batch, not
+// the socket: nftables or iptables dropped it (EPERM), no route to its
+// destination, too big, or a full queue for it.
+func refusesOne(err error) bool {
+	var se *os.SyscallError
+	if !errors.As(err, &se) {
+		return false
+	}
+	switch se.Err {
+	case unix.EPERM, unix.EACCES, unix.ENETUNREACH, unix.EHOSTUNREACH, unix.EMSGSIZE, unix.ENOBUFS, unix.ECONNREFUSED:
+		return true
+	}
+	return false
+}
+
 func disablesSegmentation(err error) bool {
 	var se *os.SyscallError
 	return errors.As(err, &se) && se.Err == unix.EIO

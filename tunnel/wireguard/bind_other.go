@@ -18,3 +18,5 @@ func segmentSize([]byte) (int, error) { return 0, nil }
 func appendSegmentSize(oob []byte, _ uint16) []byte { return oob }
 
 func disablesSegmentation(error) bool { return false }
+
+func refusesOne(error) bool { return false }
