@@ -43,6 +43,8 @@ bench-deps:
 	command -v wg        >/dev/null || missing="$$missing wireguard-tools"; \
 	command -v iptables  >/dev/null || missing="$$missing iptables"; \
 	command -v conntrack >/dev/null || missing="$$missing conntrack"; \
+	command -v nft       >/dev/null || missing="$$missing nftables"; \
+	command -v ethtool   >/dev/null || missing="$$missing ethtool"; \
 	command -v curl      >/dev/null || missing="$$missing curl"; \
 	command -v ping      >/dev/null || missing="$$missing iputils-ping"; \
 	command -v jq        >/dev/null || missing="$$missing jq"; \

@@ -13,6 +13,9 @@
 # 3. Idle flows: FLOWS idle TCP connections through `sluice serve` with a
 #    1,000-port egress slice; sluice's RSS before and after, one byte echoed
 #    on every flow at the end.
+# 4. Loss: the same WireGuard pair moving LOSS_BYTES each way while
+#    nftables drops a share of the tunnel's UDP, datagram by datagram or
+#    in GSO-sized bursts (LOSS_PATTERNS; loss_set in lib.sh).
 # The designs alternate within each repetition (classic first in odd ones),
 # so that a slow patch of the machine does not favour one of them. Medians,
 # ratios and the BENCH.md section come from report.py.
@@ -21,11 +24,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/topology.sh"
 source "$BENCH_DIR/gateways.sh"
 
 TUN_TESTS=${TUN_TESTS:-"up:1 down:1"}   # DIRECTION:STREAMS for the TUN-mode scenario
-SCENARIOS=${SCENARIOS:-"wireguard tun flows"}
+SCENARIOS=${SCENARIOS:-"wireguard tun flows loss"}
 WRITE_BENCH_MD=${WRITE_BENCH_MD:-1}
 
 [ "$(id -u)" = 0 ] || die "needs root: it creates network namespaces, TUN devices and iptables rules"
-for t in ip iperf3 wg iptables conntrack curl ping jq python3 go make; do
+for t in ip iperf3 wg iptables conntrack curl ping jq python3 go make nft ethtool; do
   command -v $t >/dev/null || die "$t is not installed (make bench-deps installs what is missing)"
 done
 [ -e /dev/net/tun ] || die "/dev/net/tun is missing: the kernel TUN driver is needed"
@@ -59,6 +62,8 @@ jq -n \
   --arg reps "$REPS" --arg dur "$DUR" --arg udp_len "$UDP_LEN" --arg udp_rate2 "$UDP_RATE2" \
   --arg conn_n "$CONN_N" --arg conn_par "$CONN_PAR" --arg flows "$FLOWS" \
   --arg egress_ports "$EGRESS_PORTS" --arg tun_tests "$TUN_TESTS" \
+  --arg loss_patterns "$LOSS_PATTERNS" --arg loss_bytes "$LOSS_BYTES" --arg loss_timeout "$LOSS_TIMEOUT" \
+  --arg origin_cc "$(sysctl -n net.ipv4.tcp_congestion_control)" \
   --arg load_start "$(cut -d' ' -f1-3 /proc/loadavg)" \
   '$ARGS.named' >"$RESULTS/meta.json"
 
@@ -84,6 +89,18 @@ tun_suite() {
   local r=$1 t
   for t in $TUN_TESTS; do
     m_tcp "tcp_${t%%:*}_P${t#*:}" "$r" "${t#*:}" "${t%%:*}"
+  done
+}
+
+loss_suite() {
+  local r=$1 p pattern pct tag
+  for p in $LOSS_PATTERNS; do
+    pattern=${p%%:*} pct=${p#*:}
+    tag=loss_${pattern}_${pct/./_}
+    loss_set "$pattern" "$pct"
+    m_xfer "${tag}_down" "$r" down
+    m_xfer "${tag}_up" "$r" up
+    loss_clear
   done
 }
 
@@ -144,7 +161,8 @@ for s in $SCENARIOS; do
     wireguard) run_pair wg_suite classic sluice ;;
     tun) run_pair tun_suite kfwd sluice_tun ;;
     flows) flows_scenario ;;
-    *) die "unknown scenario $s (wireguard, tun, flows)" ;;
+    loss) run_pair loss_suite classic sluice ;;
+    *) die "unknown scenario $s (wireguard, tun, flows, loss)" ;;
   esac
 done
 

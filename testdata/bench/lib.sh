@@ -48,6 +48,12 @@ CONN_N=${CONN_N:-3000}            # connections per connrate run
 CONN_PAR=${CONN_PAR:-32}
 FLOWS=${FLOWS:-15000}             # idle flows in the memory scenario
 EGRESS_PORTS=${EGRESS_PORTS:-40000-40999}
+# The loss scenario: PATTERN:PERCENT, each way on the tunnel's UDP (see
+# loss_set); LOSS_BYTES moved per transfer, LOSS_TIMEOUT seconds before a
+# transfer counts as stalled.
+LOSS_PATTERNS=${LOSS_PATTERNS:-"none:0 random:0.5 random:1 random:2 burst:1 burst:2"}
+LOSS_BYTES=${LOSS_BYTES:-64M}
+LOSS_TIMEOUT=${LOSS_TIMEOUT:-60}
 
 mkdir -p "$STATE" "$BIN" "$RESULTS"
 
@@ -214,4 +220,77 @@ m_conn() {
     <<<"$j" >>"$RESULTS/errors.txt"
   log "  $DESIGN $test rep $r: $j"
   sleep 1
+}
+
+# ------------------------------------------------------------------ loss
+# loss_set PATTERN PERCENT: lose PERCENT % of the tunnel's UDP each way.
+#   burst   nftables in bg, `numgen random` on UDP 51820 in prerouting and
+#           postrouting, as an operator would write it. A UDP GSO datagram
+#           (wireguard-go sends its batches as one) is one packet to
+#           netfilter there, so a drop loses up to 64 datagrams in a row.
+#   random  every datagram alone: GSO off on both veths, so the kernel
+#           cuts batches before they cross, and the rule at each
+#           receiver's prerouting (bc for server → client, bg the other
+#           way), where netfilter sees single datagrams (veth GRO is off).
+#   none    nothing lost: the same transfer as a reference.
+loss_set() {
+  local pattern=$1 pct=$2 pm
+  loss_clear
+  pm=$(calc "int(round($pct * 10))")   # per mille: nftables counts in integers
+  case $pattern in
+    none) return 0 ;;
+    burst)
+      nsx bg nft -f - <<NFT
+table inet sluice_bench_loss {
+  chain pre { type filter hook prerouting priority -300; udp dport $WG_PORT numgen random mod 1000 < $pm drop; }
+  chain post { type filter hook postrouting priority 300; udp sport $WG_PORT numgen random mod 1000 < $pm drop; }
+}
+NFT
+      ;;
+    random)
+      nsx bg ethtool -K bg-eth0 gso off tx-udp-segmentation off >/dev/null
+      nsx bc ethtool -K bc-eth0 gso off tx-udp-segmentation off >/dev/null
+      nsx bg nft -f - <<NFT
+table inet sluice_bench_loss {
+  chain pre { type filter hook prerouting priority -300; udp dport $WG_PORT numgen random mod 1000 < $pm drop; }
+}
+NFT
+      nsx bc nft -f - <<NFT
+table inet sluice_bench_loss {
+  chain pre { type filter hook prerouting priority -300; udp sport $WG_PORT numgen random mod 1000 < $pm drop; }
+}
+NFT
+      ;;
+    *) die "loss pattern $pattern: want none, random or burst" ;;
+  esac
+}
+
+loss_clear() {
+  local ns
+  for ns in bc bg; do nsx $ns nft delete table inet sluice_bench_loss 2>/dev/null || true; done
+  nsx bg ethtool -K bg-eth0 gso on tx-udp-segmentation on >/dev/null 2>&1 || true
+  nsx bc ethtool -K bc-eth0 gso on tx-udp-segmentation on >/dev/null 2>&1 || true
+}
+
+# m_xfer TEST REP up|down: one iperf3 transfer of LOSS_BYTES, its MB/s and
+# seconds. One that has not finished after LOSS_TIMEOUT s is a stall: it
+# counts as 0 MB/s, and as such in the median.
+m_xfer() {
+  local test=$1 r=$2 dir=$3 j rev=()
+  [ "$dir" = down ] && rev=(-R)
+  if ! j=$(timeout "$LOSS_TIMEOUT" ip netns exec bc iperf3 -c $SRV_IP -n "$LOSS_BYTES" "${rev[@]}" --json 2>&1) ||
+    ! jq -e '.end.sum_received.bits_per_second' <<<"$j" >/dev/null 2>&1; then
+    log "  $DESIGN $test rep $r: no end within ${LOSS_TIMEOUT} s: a stall"
+    echo "$DESIGN $test rep $r: $LOSS_BYTES not moved within $LOSS_TIMEOUT s" >>"$RESULTS/errors.txt"
+    rec "$test" "$r" mbytes_per_s 0
+    rec "$test" "$r" stalled 1
+    nsx bc pkill -x iperf3 2>/dev/null || true
+    sleep 1
+    return 0
+  fi
+  rec "$test" "$r" mbytes_per_s "$(jq '.end.sum_received.bits_per_second/8e6' <<<"$j")"
+  rec "$test" "$r" seconds "$(jq '.end.sum_received.seconds' <<<"$j")"
+  rec "$test" "$r" stalled 0
+  log "  $DESIGN $test rep $r: $(jq -r '"\(.end.sum_received.bits_per_second/8e6|round) MB/s in \(.end.sum_received.seconds*100|round/100) s"' <<<"$j")"
+  sleep 0.5
 }

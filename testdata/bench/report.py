@@ -254,6 +254,38 @@ def flows_table(flows, out):
             out.append(f"| first {k} error | `{v['first_error']}` |")
 
 
+LOSS_LABEL = {"none": "no loss", "random": "{pct} % of datagrams, one by one",
+              "burst": "{pct} % of GSO batches (bursts)"}
+
+
+def loss_tests(rep):
+    """The loss scenario's tests, in LOSS_PATTERNS order: (pattern, pct, tag)."""
+    out = []
+    for p in rep.meta.get("loss_patterns", "").split():
+        pattern, pct = p.split(":")
+        out.append((pattern, pct, f"loss_{pattern}_{pct.replace('.', '_')}"))
+    return out
+
+
+def loss_table(rep, out):
+    out.append("| tunnel's UDP lost each way | direction | classic (MB/s) | sluice (MB/s) | sluice ÷ classic "
+               "| stalls (classic / sluice) | target | |")
+    out.append("|---|---|---:|---:|---:|---|---|---|")
+    for pattern, pct, tag in loss_tests(rep):
+        for d, label in (("down", "server → client"), ("up", "client → server")):
+            test = f"{tag}_{d}"
+            base, new = rep.med("classic", test, "mbytes_per_s"), rep.med("sluice", test, "mbytes_per_s")
+            if base is None and new is None:
+                continue
+            r = ratio(new, base)
+            stalls = (f"{int(sum(rep.values('classic', test, 'stalled')))} / "
+                      f"{int(sum(rep.values('sluice', test, 'stalled')))}")
+            target = None if pattern == "none" else (">=", 0.8)
+            out.append(f"| {LOSS_LABEL[pattern].format(pct=pct)} | {label} | {rep.cell('classic', test, 'mbytes_per_s')} "
+                       f"| {rep.cell('sluice', test, 'mbytes_per_s')} | {fmt_ratio(r)} | {stalls} "
+                       f"| {target_text(target)} | {verdict(target, r, base, new)} |")
+
+
 def render(raw, meta, flows, notes, errors):
     rep = Report(raw, meta)
     m = meta
@@ -337,6 +369,24 @@ def render(raw, meta, flows, notes, errors):
         if notes:
             out.append("")
             out.append("sluice's log at start: `" + notes.replace("\n", "` `") + "`")
+    else:
+        out.append("Not run.")
+    out.append("")
+    out.append("### Loss: the same WireGuard pair over a link that loses packets")
+    out.append("")
+    if loss_tests(rep) and any(t.startswith("loss_") for (_, t, _) in raw):
+        out.append(f"Each transfer moves {m.get('loss_bytes')} with iperf3 (`-n`, `-R` for server → client) "
+                   f"while nftables drops a share of the tunnel's UDP each way; one that has not ended after "
+                   f"{m.get('loss_timeout')} s counts as a stall and as 0 MB/s. *Datagrams one by one*: GSO is "
+                   "off on both veths and the rule sits at each receiver's prerouting, so every datagram "
+                   "is lost or not on its own, as on a radio link. *GSO batches*: the rule sits in the "
+                   "gateway namespace's prerouting and postrouting, where a UDP GSO datagram — a batch of "
+                   "up to 64 WireGuard packets — is one packet to netfilter: losses come in bursts. The "
+                   "classic design's TCP is the server's own, end to end "
+                   f"(`net.ipv4.tcp_congestion_control` = {m.get('origin_cc', '?')} here); sluice's "
+                   "connections to the client use its `tcp.congestion_control` (bbr by default).")
+        out.append("")
+        loss_table(rep, out)
     else:
         out.append("Not run.")
     out.append("")
