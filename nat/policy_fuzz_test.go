@@ -2,6 +2,7 @@ package nat
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 )
 
@@ -21,6 +22,11 @@ func FuzzParseRule(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, s string) {
 		r, err := ParseRule(s)
+		// An address has a digit or (IPv6) a colon; without either there
+		// is no rule.
+		if err == nil && !strings.ContainsAny(s, "0123456789:") {
+			t.Fatalf("ParseRule(%q) accepted a rule without an address: %+v", s, r)
+		}
 		if err != nil {
 			if r != (Rule{}) {
 				t.Fatalf("ParseRule(%q) returned %+v with error %v", s, r, err)

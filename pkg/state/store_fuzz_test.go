@@ -1,6 +1,7 @@
 package state
 
 import (
+	"bytes"
 	"encoding/json"
 	"os"
 	"reflect"
@@ -22,6 +23,10 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte("{\"version\":1,\n\"private_key\":\"x\""))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		st, err := decode(data)
+		// A state is a JSON object; nothing else loads.
+		if trimmed := bytes.TrimLeft(data, " \t\r\n"); err == nil && (len(trimmed) == 0 || trimmed[0] != '{') {
+			t.Fatalf("decode accepted %q, which is not a JSON object", data)
+		}
 		if err != nil {
 			if st != nil {
 				t.Fatalf("decode returned a state and %v", err)

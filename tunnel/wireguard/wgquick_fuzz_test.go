@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -27,6 +28,11 @@ func FuzzParseConfig(f *testing.F) {
 	f.Add("[interface]\nprivatekey=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n[Peer]\n")
 	f.Fuzz(func(t *testing.T, text string) {
 		c, err := ParseConfig(text)
+		// Without an [Interface] header and a PrivateKey there is no
+		// configuration.
+		if lower := strings.ToLower(text); err == nil && (!strings.Contains(lower, "interface") || !strings.Contains(lower, "privatekey")) {
+			t.Fatalf("ParseConfig accepted text without [Interface] or PrivateKey:\n%s", text)
+		}
 		if err != nil {
 			if c != nil {
 				t.Fatalf("ParseConfig returned a config with error %v", err)

@@ -46,6 +46,14 @@ func FuzzRegistration(f *testing.F) {
 			t.Fatalf("answer %d of type %q", w.Code, ct)
 		}
 		hosts, replicas, _ := r.Counts()
+		// A registration is a JSON object naming a hostname (JSON keys
+		// match in any case, Unicode's folding included, and may be
+		// escaped).
+		trimmed := strings.TrimLeft(string(body), " \t\r\n")
+		plain := !strings.Contains(trimmed, `\u`) && strings.IndexFunc(trimmed, func(r rune) bool { return r > 0x7f }) < 0
+		if w.Code == http.StatusOK && (!strings.HasPrefix(trimmed, "{") || plain && !strings.Contains(strings.ToLower(trimmed), "hostname")) {
+			t.Fatalf("accepted %q, which is no registration", body)
+		}
 		switch w.Code {
 		case http.StatusOK:
 		case http.StatusBadRequest, http.StatusForbidden, http.StatusConflict, http.StatusRequestEntityTooLarge,
