@@ -34,9 +34,10 @@ import (
 //
 // gVisor does not pace, so this keeps BBR's estimates and its window but
 // not its pacing gains: the window is twice the estimated BDP plus room
-// for the ACKs that GRO and delayed ACKs aggregate, which bounds the queue
-// it can build to about one BDP and lets the bandwidth estimate grow by up
-// to 2x a round when the path has more to give.
+// for the ACKs that GRO and delayed ACKs aggregate (three send quanta),
+// which bounds the queue it can build to about one BDP and lets the
+// bandwidth estimate grow by up to 2x a round when the path has more to
+// give.
 type bbrState struct {
 	s *sender
 
@@ -72,9 +73,16 @@ const (
 	bbrProbeRTTTime = 200 * time.Millisecond
 	bbrMinCwnd      = 4
 	bbrCwndGain     = 2.0
-	// Room for aggregated ACKs, in packets: about two 64 KiB GSO
-	// segments, as Linux's BBR adds 3 TSO segments.
-	bbrAckAggregation = 90
+	// The window also holds three send quanta for ACKs that arrive
+	// together (GRO, delayed ACKs), as Linux's BBR adds three TSO
+	// segments: a quantum is a millisecond of data at the estimated
+	// bandwidth, between 2 packets and a 64 KiB GSO segment (45 at a
+	// 1420-byte MTU). A fixed allowance would be a second of queue on a
+	// 1 Mbit/s link.
+	bbrQuantumTime    = time.Millisecond
+	bbrMinQuantum     = 2
+	bbrMaxQuantum     = 45
+	bbrQuantaInWindow = 3
 )
 
 func newBBRCC(s *sender) *bbrState {
@@ -173,7 +181,8 @@ func (b *bbrState) Update(packetsAcked int, rtt time.Duration) {
 // aggregated ACKs.
 func (b *bbrState) window() int {
 	bdp := b.maxBW * b.minRTT.Seconds()
-	return max(bbrMinCwnd, int(bbrCwndGain*bdp)+bbrAckAggregation)
+	quantum := min(max(b.maxBW*bbrQuantumTime.Seconds(), bbrMinQuantum), bbrMaxQuantum)
+	return max(bbrMinCwnd, int(bbrCwndGain*bdp+bbrQuantaInWindow*quantum))
 }
 
 // grow moves the window toward the target: by the packets acked, as slow
