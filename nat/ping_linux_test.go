@@ -48,6 +48,17 @@ func pingTable(t *testing.T, opts TableOptions) *Table {
 	return tab
 }
 
+// pingSocketAllowed tells whether this process may open an unprivileged
+// ICMP socket (net.ipv4.ping_group_range).
+func pingSocketAllowed() bool {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, unix.IPPROTO_ICMP)
+	if err != nil {
+		return false
+	}
+	unix.Close(fd)
+	return true
+}
+
 // newTestPinger returns a Pinger whose replies arrive on the channel. With
 // raw set it never uses datagram sockets, so the raw path is tested even
 // where the host allows both; it skips unless the process may open raw
@@ -56,6 +67,9 @@ func newTestPinger(t *testing.T, tab *Table, raw bool, log *zap.Logger) (*Pinger
 	t.Helper()
 	if raw && os.Geteuid() != 0 {
 		t.Skip("the raw ICMP path needs CAP_NET_RAW; run as root")
+	}
+	if !raw && os.Geteuid() != 0 && !pingSocketAllowed() {
+		t.Skip("an ICMP echo needs an unprivileged ICMP socket, and net.ipv4.ping_group_range does not include this user's groups, or CAP_NET_RAW; run as root")
 	}
 	replies := make(chan echoReply, 64)
 	p, err := NewPinger(PingerOptions{
