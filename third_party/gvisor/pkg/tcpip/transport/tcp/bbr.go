@@ -45,13 +45,17 @@ type bbrState struct {
 	fullBWCount int  // rounds in startup without 25 % more bandwidth
 	fullBW      float64
 
-	// Rounds: a round ends when the data sent at its start is acked.
-	roundEnd seqnum.Value
+	// Rounds: a round ends when the data sent at its start is acked. A
+	// round that began with nothing waiting to be sent measures the
+	// application, not the path: its sample counts only if it raises
+	// the estimate.
+	roundEnd        seqnum.Value
+	roundStart      tcpip.MonotonicTime
+	roundUna        seqnum.Value
+	roundAppLimited bool
 
 	// Delivery rate, in packets a second: the max over the last
-	// bbrBWRounds rounds of one sample per round.
-	roundStart  tcpip.MonotonicTime
-	roundUna    seqnum.Value
+	// bbrBWRounds samples, one a round.
 	bwSamples   [bbrBWRounds]float64
 	bwIdx       int
 	maxBW       float64
@@ -59,12 +63,16 @@ type bbrState struct {
 	minRTTStamp tcpip.MonotonicTime
 
 	// ProbeRTT: when minRTT has not been seen again for bbrMinRTTWindow,
-	// the window drops to bbrMinCwnd for a while so that the queue drains
-	// and the true minimum can be seen again.
-	probing       bool
-	probeRTTUntil tcpip.MonotonicTime
-	probeMinRTT   time.Duration
-	target        int // the window outside ProbeRTT and timeouts
+	// the window drops to bbrMinCwnd; once the data in flight has drained
+	// to that, it stays there for bbrProbeRTTTime (at least a round), and
+	// the lowest RTT seen then becomes the minimum.
+	probing      bool
+	probeDrained tcpip.MonotonicTime // when the probe ends; zero until drained
+	probeMinRTT  time.Duration
+
+	target     int // the window outside ProbeRTT, recovery and timeouts
+	priorCwnd  int // the window when recovery began, given back after it
+	inRecovery bool
 }
 
 const (
@@ -73,6 +81,10 @@ const (
 	bbrProbeRTTTime = 200 * time.Millisecond
 	bbrMinCwnd      = 4
 	bbrCwndGain     = 2.0
+	// In startup the window grows, as in slow start, up to this many
+	// times the estimated BDP (BBR's high gain, 2/ln 2): beyond it, the
+	// window only fills the bottleneck's queue.
+	bbrHighGain = 2.89
 	// The window also holds three send quanta for ACKs that arrive
 	// together (GRO, delayed ACKs), as Linux's BBR adds three TSO
 	// segments: a quantum is a millisecond of data at the estimated
@@ -101,6 +113,8 @@ func newBBRCC(s *sender) *bbrState {
 // rttSample is the most precise RTT the sender has: RACK's, measured from
 // nanosecond send times; the smoothed RTT comes from millisecond
 // timestamps when both ends send them.
+//
+// +checklocks:b.s.ep.mu
 func (b *bbrState) rttSample(rtt time.Duration) time.Duration {
 	if r := b.s.rc.RTT; r > 0 {
 		return r
@@ -114,6 +128,10 @@ func (b *bbrState) rttSample(rtt time.Duration) time.Duration {
 func (b *bbrState) Update(packetsAcked int, rtt time.Duration) {
 	s := b.s
 	now := s.ep.stack.Clock().NowMonotonic()
+	// After a timeout the sender counts nothing in flight, so an ACK of
+	// the old window reads as a large number of packets: no more than a
+	// window's worth can have been acked.
+	packetsAcked = min(max(packetsAcked, 0), max(s.SndCwnd, bbrMinCwnd))
 
 	if r := b.rttSample(rtt); r > 0 {
 		if b.minRTT == 0 || r < b.minRTT {
@@ -123,12 +141,17 @@ func (b *bbrState) Update(packetsAcked int, rtt time.Duration) {
 			b.probeMinRTT = r
 		}
 	}
-	if b.probing && now.After(b.probeRTTUntil) {
-		b.probing = false
-		if b.probeMinRTT > 0 {
-			b.minRTT = b.probeMinRTT
+	if b.probing {
+		if b.probeDrained == (tcpip.MonotonicTime{}) && s.Outstanding <= bbrMinCwnd {
+			b.probeDrained = now.Add(max(bbrProbeRTTTime, b.minRTT))
+			b.probeMinRTT = 0
+		} else if b.probeDrained != (tcpip.MonotonicTime{}) && now.After(b.probeDrained) {
+			b.probing = false
+			if b.probeMinRTT > 0 {
+				b.minRTT = b.probeMinRTT
+			}
+			b.minRTTStamp = now
 		}
-		b.minRTTStamp = now
 	}
 
 	if !b.roundEnd.LessThan(s.SndUna) && s.SndUna != s.SndNxt {
@@ -136,82 +159,87 @@ func (b *bbrState) Update(packetsAcked int, rtt time.Duration) {
 		b.grow(packetsAcked)
 		return
 	}
+	b.endRound(now)
+	b.grow(packetsAcked)
+}
 
-	// A round ended: one bandwidth sample, from the data acked in it. A
-	// round shorter than the minimum RTT (its first byte was sent before
-	// it began) counts as one minimum RTT, which keeps ACKs that arrive
-	// together from reading as a burst of bandwidth.
+// endRound takes the round's bandwidth sample and starts the next round.
+//
+// +checklocks:b.s.ep.mu
+func (b *bbrState) endRound(now tcpip.MonotonicTime) {
+	s := b.s
+	// A round shorter than the minimum RTT (its first byte was sent
+	// before it began) counts as one minimum RTT, which keeps ACKs that
+	// arrive together from reading as a burst of bandwidth.
 	elapsed := max(now.Sub(b.roundStart), b.minRTT)
-	if elapsed > 0 {
-		mss := s.MaxPayloadSize
-		if mss <= 0 {
-			mss = 1
-		}
-		pkts := float64(b.roundUna.Size(s.SndUna)) / float64(mss)
-		b.bwSamples[b.bwIdx] = pkts / elapsed.Seconds()
-		b.bwIdx = (b.bwIdx + 1) % bbrBWRounds
-		b.maxBW = 0
-		for _, bw := range b.bwSamples {
-			b.maxBW = max(b.maxBW, bw)
+	if mss := s.MaxPayloadSize; elapsed > 0 && mss > 0 {
+		sample := float64(b.roundUna.Size(s.SndUna)) / float64(mss) / elapsed.Seconds()
+		if !b.roundAppLimited || sample > b.maxBW {
+			b.bwSamples[b.bwIdx] = sample
+			b.bwIdx = (b.bwIdx + 1) % bbrBWRounds
+			b.maxBW = 0
+			for _, bw := range b.bwSamples {
+				b.maxBW = max(b.maxBW, bw)
+			}
 		}
 	}
-	b.roundEnd, b.roundStart, b.roundUna = s.SndNxt, now, s.SndUna
-
-	if b.startup {
+	if b.startup && !b.roundAppLimited {
 		if b.maxBW >= b.fullBW*1.25 {
 			b.fullBW, b.fullBWCount = b.maxBW, 0
 		} else if b.fullBWCount++; b.fullBWCount >= 3 {
 			b.startup = false
 		}
 	}
-	b.target = b.window()
-	if b.startup {
-		b.target = max(b.target, s.SndCwnd)
-	}
+	b.roundEnd, b.roundStart, b.roundUna = s.SndNxt, now, s.SndUna
+	b.roundAppLimited = s.writeNext == nil
+	b.target = b.window(bbrCwndGain)
 
 	if !b.startup && !b.probing && now.Sub(b.minRTTStamp) > bbrMinRTTWindow {
 		b.probing = true
-		b.probeRTTUntil = now.Add(max(bbrProbeRTTTime, b.minRTT))
-		b.probeMinRTT = 0
+		b.probeDrained = tcpip.MonotonicTime{}
 	}
-	b.grow(packetsAcked)
 }
 
-// window is the window the model asks for: twice the BDP and room for
-// aggregated ACKs.
-func (b *bbrState) window() int {
+// window is gain times the estimated BDP, and room for aggregated ACKs.
+func (b *bbrState) window(gain float64) int {
 	bdp := b.maxBW * b.minRTT.Seconds()
 	quantum := min(max(b.maxBW*bbrQuantumTime.Seconds(), bbrMinQuantum), bbrMaxQuantum)
-	return max(bbrMinCwnd, int(bbrCwndGain*bdp+bbrQuantaInWindow*quantum))
+	return max(bbrMinCwnd, int(gain*bdp+bbrQuantaInWindow*quantum))
 }
 
-// grow moves the window toward the target: by the packets acked, as slow
-// start does, so that a window cut by a timeout comes back within a round.
+// grow moves the window toward the target by the packets acked, as slow
+// start does, so that a window cut by a timeout comes back within a
+// round; in startup it grows while below bbrHighGain times the BDP.
+//
+// +checklocks:b.s.ep.mu
 func (b *bbrState) grow(packetsAcked int) {
 	s := b.s
-	if b.probing {
+	switch {
+	case b.probing:
 		s.SndCwnd = bbrMinCwnd
 		return
-	}
-	if b.startup {
-		s.SndCwnd += packetsAcked
+	case b.inRecovery:
+		return // enterRecovery and leaveRecovery set it; PostRecovery gives it back
+	case b.startup:
+		if b.maxBW == 0 || s.SndCwnd < b.window(bbrHighGain) {
+			s.SndCwnd += packetsAcked
+		}
 		return
 	}
-	if s.SndCwnd < b.target {
-		s.SndCwnd = min(b.target, s.SndCwnd+packetsAcked)
-	} else {
-		s.SndCwnd = b.target
-	}
+	s.SndCwnd = min(b.target, s.SndCwnd+packetsAcked)
 	// Recovery sets the window from ssthresh: keep it at the model's.
 	s.Ssthresh = max(b.target, 2)
 }
 
 // HandleLossDetected implements congestionControl.HandleLossDetected. Loss
-// is not a signal of congestion to the model; recovery keeps the window,
-// less the three packets enterRecovery adds.
+// is not a signal of congestion to the model: recovery keeps the window
+// (enterRecovery adds three packets to ssthresh), and PostRecovery gives
+// back what leaveRecovery takes.
 //
 // +checklocks:b.s.ep.mu
 func (b *bbrState) HandleLossDetected() {
+	b.priorCwnd = b.s.SndCwnd
+	b.inRecovery = true
 	b.s.Ssthresh = max(b.s.SndCwnd-3, 2)
 }
 
@@ -221,6 +249,7 @@ func (b *bbrState) HandleLossDetected() {
 //
 // +checklocks:b.s.ep.mu
 func (b *bbrState) HandleRTOExpired() {
+	b.inRecovery = false
 	b.s.Ssthresh = max(b.target, 2)
 	b.s.SndCwnd = 1
 }
@@ -229,7 +258,6 @@ func (b *bbrState) HandleRTOExpired() {
 //
 // +checklocks:b.s.ep.mu
 func (b *bbrState) PostRecovery() {
-	if !b.startup {
-		b.s.SndCwnd = max(b.s.SndCwnd, min(b.target, b.s.Ssthresh))
-	}
+	b.inRecovery = false
+	b.s.SndCwnd = max(b.s.SndCwnd, b.priorCwnd)
 }

@@ -93,14 +93,8 @@ func (rc *rackControl) update(seg *segment, ackSeg *segment) {
 			if ackSeg.parsedOptions.TSEcr < rc.snd.ep.tsVal(seg.xmitTime) {
 				return
 			}
-			// sluice: the echoed timestamp shows that the
-			// retransmission was delivered, so its RTT is no
-			// evidence of a spurious one. A tail loss probe on an
-			// idle path returns faster than the minimum RTT seen
-			// under load; rejecting its SACK left RACK unable to
-			// mark the tail it probed for lost, and recovery
-			// waited for the RTO.
-		} else if rtt < rc.minRTT {
+		}
+		if rtt < rc.minRTT {
 			return
 		}
 	}
