@@ -51,7 +51,7 @@ EGRESS_PORTS=${EGRESS_PORTS:-40000-40999}
 # The loss scenario: PATTERN:PERCENT, each way on the tunnel's UDP (see
 # loss_set); LOSS_BYTES moved per transfer, LOSS_TIMEOUT seconds before a
 # transfer counts as stalled.
-LOSS_PATTERNS=${LOSS_PATTERNS:-"none:0 random:0.5 random:1 random:2 burst:1 burst:2"}
+LOSS_PATTERNS=${LOSS_PATTERNS:-"none:0 random:0 random:0.5 random:1 random:2 burst:1 burst:2"}
 LOSS_BYTES=${LOSS_BYTES:-64M}
 LOSS_TIMEOUT=${LOSS_TIMEOUT:-60}
 
@@ -232,7 +232,8 @@ m_conn() {
 #           cuts batches before they cross, and the rule at each
 #           receiver's prerouting (bc for server → client, bg the other
 #           way), where netfilter sees single datagrams (veth GRO is off).
-#   none    nothing lost: the same transfer as a reference.
+#   none    nothing lost: the same transfer as a reference. random:0 is
+#           the reference for the random rows: GSO off, nothing lost.
 loss_set() {
   local pattern=$1 pct=$2 pm
   loss_clear

@@ -280,7 +280,7 @@ def loss_table(rep, out):
             r = ratio(new, base)
             stalls = (f"{int(sum(rep.values('classic', test, 'stalled')))} / "
                       f"{int(sum(rep.values('sluice', test, 'stalled')))}")
-            target = None if pattern == "none" else (">=", 0.8)
+            target = None if pattern == "none" or float(pct) == 0 else (">=", 0.8)
             out.append(f"| {LOSS_LABEL[pattern].format(pct=pct)} | {label} | {rep.cell('classic', test, 'mbytes_per_s')} "
                        f"| {rep.cell('sluice', test, 'mbytes_per_s')} | {fmt_ratio(r)} | {stalls} "
                        f"| {target_text(target)} | {verdict(target, r, base, new)} |")
