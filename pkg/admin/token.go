@@ -3,12 +3,11 @@ package admin
 import (
 	"crypto/rand"
 	"encoding/base64"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
-	"path/filepath"
 	"strings"
+
+	"github.com/sluice-vpn/sluice/pkg/state"
 )
 
 // tokenBytes is the token's entropy: 256 bits, beyond guessing.
@@ -30,7 +29,7 @@ func LoadOrCreateToken(path string) (string, error) {
 		return "", fmt.Errorf("admin: token: %w", err)
 	}
 	tok = base64.RawURLEncoding.EncodeToString(b)
-	if err := writeFileAtomic(path, []byte(tok+"\n")); err != nil {
+	if err := state.WriteFile(path, []byte(tok+"\n")); err != nil {
 		return "", fmt.Errorf("admin: token: %w", err)
 	}
 	return tok, nil
@@ -80,47 +79,4 @@ func validToken(tok string) bool {
 		}
 	}
 	return true
-}
-
-// writeFileAtomic replaces path with data through a 0600 temp file in the
-// same directory, fsync'd before the rename, so a reader never sees half
-// a token and a crash leaves the old file or the new one.
-func writeFileAtomic(path string, data []byte) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	// CreateTemp already makes the file 0600; this states it.
-	if err := f.Chmod(0o600); err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil && !errors.Is(err, fs.ErrInvalid) {
-		return err
-	}
-	return nil
 }

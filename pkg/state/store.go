@@ -252,17 +252,30 @@ func (s *Store) Save(st *State) error {
 
 // writeFile replaces <dir>/name with data through a temp file that is
 // fsync'd before the rename, so the name always holds a whole file.
-func (s *Store) writeFile(name string, data []byte) (err error) {
-	f, err := os.CreateTemp(s.dir, "."+name+".*"+tmpSuffix)
-	if err != nil {
+func (s *Store) writeFile(name string, data []byte) error {
+	if err := WriteFile(filepath.Join(s.dir, name), data); err != nil {
 		return fmt.Errorf("state: save: %w", err)
+	}
+	return nil
+}
+
+// WriteFile replaces path with data, mode 0600, atomically: through a
+// temporary file in the same directory, synced before it is renamed over
+// path, and the directory synced after, so that a reader sees the old file
+// or the new one whole and a crash loses neither. The state directory's
+// files and the admin token are written this way.
+func WriteFile(path string, data []byte) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*"+tmpSuffix)
+	if err != nil {
+		return err
 	}
 	tmp := f.Name()
 	defer func() {
 		if err != nil {
 			f.Close()
 			os.Remove(tmp)
-			err = fmt.Errorf("state: save %s: %w", filepath.Join(s.dir, name), err)
+			err = fmt.Errorf("write %s: %w", path, err)
 		}
 	}()
 	if err := f.Chmod(0o600); err != nil {
@@ -277,7 +290,10 @@ func (s *Store) writeFile(name string, data []byte) (err error) {
 	if err := f.Close(); err != nil {
 		return err
 	}
-	return os.Rename(tmp, filepath.Join(s.dir, name))
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return syncDir(dir)
 }
 
 // syncDir makes renames in dir durable.
@@ -287,7 +303,9 @@ func syncDir(dir string) error {
 		return err
 	}
 	defer d.Close()
-	if err := d.Sync(); err != nil {
+	// Some file systems cannot sync a directory (EINVAL); the rename
+	// stands there as it is.
+	if err := d.Sync(); err != nil && !errors.Is(err, fs.ErrInvalid) {
 		return fmt.Errorf("fsync %s: %w", dir, err)
 	}
 	return nil
