@@ -9,39 +9,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
-)
 
-// resetOrigin listens on loopback for one connection, answers its first
-// line with "ok\n" and then reports what its next read returns.
-func resetOrigin(t *testing.T) (addr string, next <-chan error) {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	ch := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			ch <- err
-			return
-		}
-		defer c.Close()
-		r := bufio.NewReader(c)
-		if _, err := r.ReadString('\n'); err != nil {
-			ch <- err
-			return
-		}
-		c.Write([]byte("ok\n"))
-		// Blocks until the relay closes the upstream socket, or until the
-		// test's own deadline: nothing else is coming from the client.
-		c.SetReadDeadline(time.Now().Add(time.Minute))
-		_, err = r.ReadByte()
-		ch <- err
-	}()
-	return ln.Addr().String(), ch
-}
+	"github.com/sluice-vpn/sluice/relay/relaytest"
+)
 
 // TestClientResetClosesUpstream is the defect of issue 14 §3: a client
 // that resets its connection, while the relay waits for the origin to
@@ -49,8 +19,8 @@ func resetOrigin(t *testing.T) (addr string, next <-chan error) {
 // once, not when the origin next sends or at the idle timeout.
 func TestClientResetClosesUpstream(t *testing.T) {
 	f := newFixture(t, nil)
-	addr, next := resetOrigin(t)
-	c, err := f.client.DialContext(context.Background(), "tcp", addr)
+	addr, next := relaytest.ResetOrigin(t)
+	c, err := f.client.DialContext(context.Background(), "tcp", addr.String())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,37 +9,16 @@ import (
 	"time"
 
 	"github.com/sluice-vpn/sluice/pkg/expose"
+	"github.com/sluice-vpn/sluice/relay/relaytest"
 )
 
 // TestTCPRouteResetReachesReplica: a client that resets its connection to
 // a TCP route resets the edge's connection to the replica too, at once,
 // through the wrappers both connections are in.
 func TestTCPRouteResetReachesReplica(t *testing.T) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	next := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			next <- err
-			return
-		}
-		defer c.Close()
-		r := bufio.NewReader(c)
-		if _, err := r.ReadString('\n'); err != nil {
-			next <- err
-			return
-		}
-		c.Write([]byte("ok\n"))
-		c.SetReadDeadline(time.Now().Add(time.Minute))
-		_, err = r.ReadByte()
-		next <- err
-	}()
+	addr, next := relaytest.ResetOrigin(t)
 	reg := newRegistry(t, nil)
-	register(t, reg, "db.example.com", portOf(t, ln.Addr()), expose.ProtocolTCP, nil)
+	register(t, reg, "db.example.com", addr.Port(), expose.ProtocolTCP, nil)
 	e := startEdge(t, Options{Registry: reg, Dial: newFakeTunnel().Dial, TCP: []TCPRoute{{Addr: "127.0.0.1:0", Hostname: "db.example.com"}}})
 
 	c, err := net.Dial("tcp4", e.TCPAddrs()[0].String())

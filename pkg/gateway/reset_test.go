@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"io"
@@ -9,6 +8,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sluice-vpn/sluice/relay/relaytest"
 )
 
 // TestClientResetEndsFlow is issue 14 §3 through the whole gateway: a
@@ -17,31 +18,9 @@ import (
 // socket close at once, not after the established timeout.
 func TestClientResetEndsFlow(t *testing.T) {
 	h := start(t, nil)
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	next := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			next <- err
-			return
-		}
-		defer c.Close()
-		r := bufio.NewReader(c)
-		if _, err := r.ReadString('\n'); err != nil {
-			next <- err
-			return
-		}
-		c.Write([]byte("ok\n"))
-		c.SetReadDeadline(time.Now().Add(time.Minute))
-		_, err = r.ReadByte()
-		next <- err
-	}()
+	addr, next := relaytest.ResetOrigin(t)
 
-	c, err := h.client.DialContext(context.Background(), "tcp", ln.Addr().String())
+	c, err := h.client.DialContext(context.Background(), "tcp", addr.String())
 	if err != nil {
 		t.Fatal(err)
 	}

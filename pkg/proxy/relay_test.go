@@ -9,38 +9,17 @@ import (
 	"time"
 
 	"github.com/sluice-vpn/sluice/pkg/proxy"
+	"github.com/sluice-vpn/sluice/relay/relaytest"
 )
 
 // TestSOCKS5ResetReachesServer: a client that resets its connection
 // through the proxy resets the proxy's connection to the server too, at
 // once, while the server waits for more.
 func TestSOCKS5ResetReachesServer(t *testing.T) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	next := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			next <- err
-			return
-		}
-		defer c.Close()
-		r := bufio.NewReader(c)
-		if _, err := r.ReadString('\n'); err != nil {
-			next <- err
-			return
-		}
-		c.Write([]byte("ok\n"))
-		c.SetReadDeadline(time.Now().Add(time.Minute))
-		_, err = r.ReadByte()
-		next <- err
-	}()
+	origin, next := relaytest.ResetOrigin(t)
 	_, addr := startSOCKS(t, proxy.SOCKS5Options{Dialer: newHostDialer()})
 	c := dialSOCKS(t, addr)
-	if code, err := c.connect("127.0.0.1", uint16(ln.Addr().(*net.TCPAddr).Port)); err != nil || code != 0 {
+	if code, err := c.connect("127.0.0.1", origin.Port()); err != nil || code != 0 {
 		t.Fatalf("CONNECT: reply %d, %v", code, err)
 	}
 	c.conn.Write([]byte("line\n"))
