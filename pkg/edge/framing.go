@@ -26,7 +26,9 @@ import (
 // TLS connections are not watched: net/http must see the *tls.Conn
 // itself. A proxy that speaks plain HTTP/1.1 to the edge, where
 // smuggling lives, does so on the HTTP listener; over TLS, malformed
-// bodies still close the connection (see serveHTTP).
+// bodies still close the connection (see serveHTTP), and so does every
+// request with a Transfer-Encoding, which may have carried a
+// Content-Length that net/http dropped (see handler).
 type framingConn struct {
 	net.Conn
 	mu     sync.Mutex

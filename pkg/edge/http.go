@@ -56,6 +56,14 @@ func (e *Edge) handler(l *listener) http.Handler {
 			return
 		}
 		defer e.wg.Done()
+		if fc == nil && r.ProtoMajor == 1 && len(r.TransferEncoding) > 0 {
+			// Unwatched (TLS): net/http took the body as chunked and
+			// dropped any Content-Length, which is what RFC 9112
+			// section 6.1 allows, provided the connection closes
+			// after the answer, since a proxy in front may have framed
+			// the request by its length instead.
+			w.Header().Set("Connection", "close")
+		}
 		e.serveHTTP(l, w, r, func() bool { return fc != nil && fc.broken(index) })
 	})
 }

@@ -1200,3 +1200,49 @@ func TestPipelinedFraming(t *testing.T) {
 		t.Errorf("the origin got %q, want /a /b /c", got)
 	}
 }
+
+// TestSmugglingOverTLS: an HTTPS request with both Content-Length and
+// Transfer-Encoding is taken as chunked (net/http drops the length, as RFC
+// 9112 section 6.1 allows), and the edge closes the connection after the
+// answer, so that nothing a front proxy framed by the length runs as a
+// request of its own.
+func TestSmugglingOverTLS(t *testing.T) {
+	ca := newTestCA(t)
+	reg := newRegistry(t, nil)
+	var mu sync.Mutex
+	var paths []string
+	_, p := origin(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		paths = append(paths, r.URL.Path)
+		mu.Unlock()
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "origin")
+	}))
+	register(t, reg, "app.example.com", p, expose.ProtocolHTTP, nil)
+	e := startEdge(t, Options{Registry: reg, HTTPSAddr: "127.0.0.1:0", Certificates: []tls.Certificate{ca.leaf(t, "app.example.com")}})
+
+	conn, err := tls.Dial("tcp", e.HTTPSAddr().String(), &tls.Config{RootCAs: ca.pool, ServerName: "app.example.com", NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(conn, "POST /first HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"+
+		"GET /smuggled HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if !resp.Close {
+		t.Errorf("the answer to a request with both lengths keeps the connection (Connection: %q)", resp.Header.Get("Connection"))
+	}
+	wantClosed(t, br)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(paths) != 1 || paths[0] != "/first" {
+		t.Errorf("the origin got %v, want only /first", paths)
+	}
+}
