@@ -51,6 +51,12 @@ type PingerOptions struct {
 	// quotes it (payload may be cut short or empty). Called like Deliver.
 	DeliverError func(client, dst netip.Addr, id, seq uint16, payload []byte, e ICMPError)
 
+	// FileReserve is how many descriptors below the open file limit a
+	// session's socket leaves free, as EgressOptions.FileReserve does for
+	// the egress sockets [DefaultFileReserve]; negative means none. A
+	// session that would take one of them is refused with ErrFileReserve.
+	FileReserve int
+
 	// Logger receives the Pinger's rare messages; nil means no logs.
 	Logger *zap.Logger
 }
@@ -68,6 +74,7 @@ type PingerOptions struct {
 // Pinger chooses identifiers, and a reader matches replies to sessions by
 // source address and identifier. Each family is probed on its first echo.
 type Pinger struct {
+	reserve int // descriptors left free below the open file limit; <= 0 for none
 	table   *Table
 	deliver func(src, dst netip.Addr, id, seq uint16, payload []byte)
 	errs    func(client, dst netip.Addr, id, seq uint16, payload []byte, e ICMPError)
@@ -167,6 +174,10 @@ func NewPinger(opts PingerOptions) (*Pinger, error) {
 		errs:     opts.DeliverError,
 		log:      opts.Logger,
 		sessions: make(map[Key]*pingSession),
+		reserve:  opts.FileReserve,
+	}
+	if p.reserve == 0 {
+		p.reserve = DefaultFileReserve
 	}
 	if p.log == nil {
 		p.log = zap.NewNop()
@@ -351,7 +362,7 @@ func (p *Pinger) probe(v6 bool) (*pingFamily, error) {
 	fam := &pingFamily{v6: v6, probed: time.Now()}
 	var dgramErr error
 	if !p.noDatagram {
-		s, err := openICMP(v6, false)
+		s, err := openICMP(v6, false, 0)
 		if err == nil {
 			s.close() // sessions open their own; this one only asked
 			fam.mode = pingDatagram
@@ -362,7 +373,7 @@ func (p *Pinger) probe(v6 bool) (*pingFamily, error) {
 		}
 		dgramErr = err
 	}
-	raw, err := openICMP(v6, true)
+	raw, err := openICMP(v6, true, 0)
 	if err == nil {
 		fam.mode, fam.raw = pingRaw, raw
 		fam.sessions = make(map[rawKey]*pingSession)
@@ -394,7 +405,7 @@ func (p *Pinger) newSession(fam *pingFamily, peer string, key Key) (*pingSession
 	s := &pingSession{key: key, fam: fam}
 	switch fam.mode {
 	case pingDatagram:
-		sock, err := openICMP(fam.v6, false)
+		sock, err := openICMP(fam.v6, false, p.reserve)
 		if err != nil {
 			if errNotPermitted(err) {
 				err = fmt.Errorf("%w: %w", errPingRevoked, err)

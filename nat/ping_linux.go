@@ -33,7 +33,10 @@ type icmpSocket struct {
 // openICMP opens an ICMP socket of the given family and kind. It fails
 // with EACCES for a datagram socket when net.ipv4.ping_group_range excludes
 // the process's group, and with EPERM for a raw one without CAP_NET_RAW.
-func openICMP(v6, raw bool) (*icmpSocket, error) {
+// A socket whose descriptor falls among the last reserve below the open
+// file limit is closed and refused with ErrFileReserve, as egress sockets
+// are (Egress.fileGuard says why).
+func openICMP(v6, raw bool, reserve int) (*icmpSocket, error) {
 	family, proto := unix.AF_INET, unix.IPPROTO_ICMP
 	if v6 {
 		family, proto = unix.AF_INET6, unix.IPPROTO_ICMPV6
@@ -45,6 +48,10 @@ func openICMP(v6, raw bool) (*icmpSocket, error) {
 	fd, err := unix.Socket(family, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, proto)
 	if err != nil {
 		return nil, os.NewSyscallError("socket", err)
+	}
+	if limit := fileLimit(); reserve > 0 && limit > 0 && int64(fd) >= limit-int64(reserve) {
+		unix.Close(fd)
+		return nil, fmt.Errorf("%w (limit %d, reserve %d)", ErrFileReserve, limit, reserve)
 	}
 	if err := setupICMP(fd, v6, raw); err != nil {
 		unix.Close(fd)

@@ -226,7 +226,7 @@ func TestPingerRawDemux(t *testing.T) {
 	for used[foreignID] {
 		foreignID++
 	}
-	other, err := openICMP(false, true)
+	other, err := openICMP(false, true, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -541,4 +541,25 @@ func TestPingerUnavailable(t *testing.T) {
 		t.Errorf("%d flows for unavailable echoes", tab.Len())
 	}
 	noMoreReplies(t, replies)
+}
+
+// A session's ICMP socket leaves the descriptors below the open file limit
+// free for the admin API, as egress sockets do: with a reserve as large as
+// the limit, every socket falls in it and is refused.
+func TestPingSocketKeepsFileReserve(t *testing.T) {
+	if os.Geteuid() != 0 && !pingSocketAllowed() {
+		t.Skip("an ICMP socket needs ping_group_range to include this user's groups, or CAP_NET_RAW; run as root")
+	}
+	limit := fileLimit()
+	if limit <= 0 {
+		t.Skip("no open file limit to keep a reserve under")
+	}
+	if _, err := openICMP(false, os.Geteuid() == 0 && !pingSocketAllowed(), int(limit)); !errors.Is(err, ErrFileReserve) {
+		t.Fatalf("openICMP with a reserve of the whole limit: %v, want ErrFileReserve", err)
+	}
+	s, err := openICMP(false, os.Geteuid() == 0 && !pingSocketAllowed(), 1)
+	if err != nil {
+		t.Fatalf("openICMP with a reserve of 1: %v", err)
+	}
+	s.close()
 }

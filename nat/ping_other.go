@@ -16,7 +16,7 @@ var errICMPUnsupported = errors.New("ICMP sockets are only supported on Linux")
 // icmpSocket is never opened off Linux.
 type icmpSocket struct{}
 
-func openICMP(v6, raw bool) (*icmpSocket, error) { return nil, errICMPUnsupported }
+func openICMP(v6, raw bool, reserve int) (*icmpSocket, error) { return nil, errICMPUnsupported }
 
 func (s *icmpSocket) localID() (uint16, error)                         { return 0, errICMPUnsupported }
 func (s *icmpSocket) sendTo(msg []byte, dst netip.Addr, _ uint8) error { return errICMPUnsupported }

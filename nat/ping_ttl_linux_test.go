@@ -145,7 +145,7 @@ func TestPingerRefusesGroups(t *testing.T) {
 func TestPingSendAfterQueuedError(t *testing.T) {
 	enterLoopbackNetns(t)
 	setPingGroupRange(t, "0 2147483647")
-	s, err := openICMP(false, false)
+	s, err := openICMP(false, false, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -401,7 +401,11 @@ func interfaceAddrs() ([]netip.Addr, []netip.Prefix, error) {
 func (p *Policy) guarded(addr netip.Addr) bool {
 	_, local := p.local[addr]
 	_, bcast := p.broadcast[addr]
-	return local || bcast || addr == limitedBroadcast
+	// All of loopback is the host, not only the addresses its interfaces
+	// list, and so is the unspecified address: a connection to 0.0.0.0
+	// or :: reaches the host's own services, as a connection to 127.0.0.2
+	// reaches those listening on 127.0.0.0/8 or on every address.
+	return local || bcast || addr == limitedBroadcast || addr.IsLoopback() || addr.IsUnspecified()
 }
 
 // guardReason is why a guarded address is denied.
@@ -412,6 +416,7 @@ func (p *Policy) guardReason(addr netip.Addr) string {
 	if addr == limitedBroadcast {
 		return "broadcast address 255.255.255.255"
 	}
+
 	return "broadcast address " + addr.String() + " of the gateway host's subnet"
 }
 
@@ -506,7 +511,13 @@ func (p *Policy) check(proto Proto, dst netip.AddrPort, addr netip.Addr) *Denied
 		}
 	}
 	if guarded {
-		return &DeniedError{Dest: dst, Proto: proto, Reason: p.guardReason(addr)}
+		_, local := p.local[addr]
+		_, bcast := p.broadcast[addr]
+		// The rest of loopback and the unspecified addresses are in the
+		// default ranges, whose reason names the range.
+		if local || bcast || !(addr.IsLoopback() || addr.IsUnspecified()) {
+			return &DeniedError{Dest: dst, Proto: proto, Reason: p.guardReason(addr)}
+		}
 	}
 	for i := range defaultDeny {
 		if defaultDeny[i].prefix.Contains(addr) {

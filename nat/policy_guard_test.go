@@ -46,7 +46,10 @@ func TestPolicyRangeDoesNotOpenHost(t *testing.T) {
 		{[]string{"0.0.0.0/0"}, TCP, "203.0.113.9:80", host},
 		{[]string{"0.0.0.0/0"}, TCP, "203.0.113.8:80", open}, // a /31 has no broadcast
 		{[]string{"0.0.0.0/0"}, TCP, "127.0.0.1:80", host},
-		{[]string{"0.0.0.0/0"}, TCP, "127.0.0.2:80", open},
+		// All of loopback is the host, and so is 0.0.0.0: a range that
+		// only contains them opens none.
+		{[]string{"0.0.0.0/0"}, TCP, "127.0.0.2:80", "loopback range"},
+		{[]string{"0.0.0.0/0"}, TCP, "0.0.0.0:80", "denied"},
 		{[]string{"::/0"}, TCP, "[2001:db8::5]:80", host},
 		{[]string{"2001:db8::/32"}, TCP, "[2001:db8::6]:80", open},
 		// Named exactly, they open, as far as the rule goes.

@@ -325,3 +325,27 @@ func TestPolicyCheckDoesNotAllocate(t *testing.T) {
 		}
 	}
 }
+
+// The whole of loopback and the unspecified addresses are the host, in
+// every form a client can write them: a range that merely contains them
+// (0.0.0.0/0, ::/0) opens none of them, while a rule that names loopback
+// (127.0.0.0/8, ::1) still does.
+func TestPolicyAllowRangeLeavesHostClosed(t *testing.T) {
+	p := mustPolicy(t, PolicyOptions{LocalAddrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")},
+		Allow: mustRules(t, "0.0.0.0/0", "::/0")})
+	for _, dst := range []string{"127.0.0.1:22", "127.0.0.2:22", "127.255.255.254:22", "[::ffff:127.0.0.2]:22", "0.0.0.0:22", "[::]:22", "[::ffff:0.0.0.0]:22", "[::1]:22"} {
+		if err := p.Check(TCP, netip.MustParseAddrPort(dst)); err == nil {
+			t.Errorf("%s allowed by a range that only contains it", dst)
+		}
+	}
+	if err := p.Check(TCP, netip.MustParseAddrPort("203.0.113.7:22")); err != nil {
+		t.Errorf("an ordinary destination denied: %v", err)
+	}
+	p = mustPolicy(t, PolicyOptions{LocalAddrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")},
+		Allow: mustRules(t, "127.0.0.0/8", "::1/128")})
+	for _, dst := range []string{"127.0.0.2:22", "[::1]:22"} {
+		if err := p.Check(TCP, netip.MustParseAddrPort(dst)); err != nil {
+			t.Errorf("%s denied though a rule names loopback: %v", dst, err)
+		}
+	}
+}

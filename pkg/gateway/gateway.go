@@ -217,6 +217,7 @@ func New(opts Options) (srv *Server, err error) {
 		Table:        s.table,
 		Deliver:      s.deliverEcho,
 		DeliverError: s.deliverEchoError,
+		FileReserve:  opts.Egress.FileReserve,
 		Logger:       log.Named("ping"),
 	})
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 )
 
 const (
@@ -305,7 +306,7 @@ func syncDir(dir string) error {
 	defer d.Close()
 	// Some file systems cannot sync a directory (EINVAL); the rename
 	// stands there as it is.
-	if err := d.Sync(); err != nil && !errors.Is(err, fs.ErrInvalid) {
+	if err := d.Sync(); err != nil && !errors.Is(err, syscall.EINVAL) {
 		return fmt.Errorf("fsync %s: %w", dir, err)
 	}
 	return nil
