@@ -75,9 +75,6 @@ func appendSegmentSize(oob []byte, size uint16) []byte {
 	return oob
 }
 
-// disablesSegmentation reports whether a send failed because segmentation
-// offload cannot be used here: udp_send_skb returns EIO when the device
-// has no checksum offload, which UDP_SEGMENT needs.
 // refusesOne tells an error that concerns one datagram of a batch, not
 // the socket: nftables or iptables dropped it (EPERM), no route to its
 // destination, too big, or a full queue for it.
@@ -93,7 +90,12 @@ func refusesOne(err error) bool {
 	return false
 }
 
+// disablesSegmentation tells an error of a segmented send that sending
+// the datagrams one by one would avoid: EIO from udp_send_skb on a device
+// without the checksum offload UDP_SEGMENT needs, EINVAL where a segment with its headers exceeds the
+// path's MTU (a 1460-byte cloud network under 1480-byte WireGuard
+// datagrams), which the kernel fragments when they go singly.
 func disablesSegmentation(err error) bool {
 	var se *os.SyscallError
-	return errors.As(err, &se) && se.Err == unix.EIO
+	return errors.As(err, &se) && (se.Err == unix.EIO || se.Err == unix.EINVAL)
 }
