@@ -92,9 +92,10 @@ func refusesOne(err error) bool {
 
 // disablesSegmentation tells an error of a segmented send that sending
 // the datagrams one by one would avoid: EIO from udp_send_skb on a device
-// without the checksum offload UDP_SEGMENT needs, EINVAL where a segment with its headers exceeds the
-// path's MTU (a 1460-byte cloud network under 1480-byte WireGuard
-// datagrams), which the kernel fragments when they go singly.
+// without the checksum offload UDP_SEGMENT needs, and EINVAL where a
+// segment with its headers exceeds the path's MTU (a 1460-byte cloud
+// network under 1480-byte WireGuard datagrams), which the kernel
+// fragments when they go singly.
 func disablesSegmentation(err error) bool {
 	var se *os.SyscallError
 	return errors.As(err, &se) && (se.Err == unix.EIO || se.Err == unix.EINVAL)
