@@ -12,13 +12,16 @@ import (
 // the gateway must never answer on a destination's behalf. Only ICMPv6 is
 // reassembled this way; other fragments go to gVisor as before.
 
-// Limits of the ICMPv6 reassembly: a client cannot make the stack hold
-// more than frag6MaxPending messages, each at most 64 KiB, and each for
-// at most frag6Timeout (RFC 8200 allows 60 s; a ping does not wait so
-// long).
+// Limits of the ICMPv6 reassembly: the stack holds at most
+// frag6MaxPending messages, each at most 64 KiB, and each for at most
+// frag6Timeout (RFC 8200 allows 60 s; a ping does not wait so long). One
+// client address holds at most frag6MaxPerSource of them: its next one
+// takes the place of its oldest, so that one client sending first
+// fragments cannot keep the others' pings from being put together.
 const (
-	frag6MaxPending = 64
-	frag6Timeout    = 10 * time.Second
+	frag6MaxPending   = 64
+	frag6MaxPerSource = 8
+	frag6Timeout      = 10 * time.Second
 )
 
 type frag6Key struct {
@@ -68,6 +71,7 @@ func (r *frag6Reassembler) add(src, dst netip.Addr, frag []byte, now time.Time) 
 	m := r.pending[key]
 	if m == nil {
 		r.expireLocked(now)
+		r.limitSourceLocked(src)
 		if len(r.pending) >= frag6MaxPending {
 			return nil, true // no room: this fragment is lost, as on a busy host
 		}
@@ -116,5 +120,27 @@ func (r *frag6Reassembler) expireLocked(now time.Time) {
 		if now.Sub(m.started) > frag6Timeout {
 			delete(r.pending, k)
 		}
+	}
+}
+
+// limitSourceLocked makes room for one more message from src: while src
+// holds frag6MaxPerSource, its oldest is dropped.
+func (r *frag6Reassembler) limitSourceLocked(src netip.Addr) {
+	for {
+		n := 0
+		var oldest frag6Key
+		var oldestAt time.Time
+		for k, m := range r.pending {
+			if k.src != src {
+				continue
+			}
+			if n++; n == 1 || m.started.Before(oldestAt) {
+				oldest, oldestAt = k, m.started
+			}
+		}
+		if n < frag6MaxPerSource {
+			return
+		}
+		delete(r.pending, oldest)
 	}
 }

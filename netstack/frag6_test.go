@@ -61,7 +61,8 @@ func TestFrag6Reassembly(t *testing.T) {
 	// Pending messages are bounded and expire.
 	r = frag6Reassembler{}
 	for id := range uint32(frag6MaxPending + 10) {
-		r.add(src, dst, fragment6(100+id, 0, true, msg[:8]), now)
+		from := netip.AddrFrom16([16]byte{0xfd, 15: byte(id / frag6MaxPerSource)})
+		r.add(from, dst, fragment6(100+id, 0, true, msg[:8]), now)
 	}
 	if len(r.pending) != frag6MaxPending {
 		t.Errorf("%d messages pending, want the limit %d", len(r.pending), frag6MaxPending)
@@ -69,5 +70,31 @@ func TestFrag6Reassembly(t *testing.T) {
 	r.add(src, dst, fragment6(999, 0, true, msg[:8]), now.Add(frag6Timeout+time.Second))
 	if len(r.pending) != 1 {
 		t.Errorf("%d messages pending after the others expired, want 1", len(r.pending))
+	}
+}
+
+// One client sending nothing but first fragments holds at most
+// frag6MaxPerSource messages, its newest: another client's ping is still
+// put together.
+func TestFrag6OneSourceCannotFillTheTable(t *testing.T) {
+	flooder, other := netip.MustParseAddr("fd5c:1ce::2"), netip.MustParseAddr("fd5c:1ce::3")
+	dst := netip.MustParseAddr("2001:db8::1")
+	now := time.Now()
+	var r frag6Reassembler
+	for id := range uint32(frag6MaxPending * 2) {
+		r.add(flooder, dst, fragment6(id, 0, true, make([]byte, 8)), now.Add(time.Duration(id)*time.Millisecond))
+	}
+	if len(r.pending) != frag6MaxPerSource {
+		t.Fatalf("%d messages pending from one source, want %d", len(r.pending), frag6MaxPerSource)
+	}
+	// The flooder's newest are the ones kept.
+	if _, ok := r.pending[frag6Key{flooder, dst, frag6MaxPending*2 - 1}]; !ok {
+		t.Error("the flooder's newest message was dropped instead of its oldest")
+	}
+	msg := bytes.Repeat([]byte("ping"), 4)
+	r.add(other, dst, fragment6(7, 0, true, msg[:8]), now)
+	got, ok := r.add(other, dst, fragment6(7, 8, false, msg[8:]), now)
+	if !ok || !bytes.Equal(got, msg) {
+		t.Errorf("another client's ping: %q, %v; want it put together", got, ok)
 	}
 }
