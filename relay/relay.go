@@ -8,6 +8,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -148,6 +149,7 @@ type run struct {
 	idle     *time.Timer
 	start    time.Time
 	activity atomic.Int64 // since start, when a byte last moved
+	eofs     atomic.Int32 // directions whose source has ended cleanly
 }
 
 // fail records the relay's first failure and aborts both connections,
@@ -190,8 +192,12 @@ func (r *run) checkIdle() {
 func (r *run) direction(d Direction, src, dst *end) {
 	err := r.copy(d, src, dst)
 	if err == nil {
+		both := r.eofs.Add(1) == 2
 		cerr := dst.closeWrite()
-		if cerr == nil {
+		if cerr == nil || both && closedByPeer(cerr) {
+			// Both sides have ended: a peer that closed its socket
+			// entirely already may refuse the last half-close (a TLS
+			// close_notify, EPIPE), and nothing is lost by that.
 			return
 		}
 		err = &Error{Dir: d, Op: "close-write", Err: cerr}
@@ -267,4 +273,10 @@ func (r *run) readErr(d Direction, src *end, err error) error {
 		return nil
 	}
 	return &Error{Dir: d, Op: "read", Err: err}
+}
+
+// closedByPeer tells the errors of writing to a connection whose peer has
+// closed it.
+func closedByPeer(err error) bool {
+	return errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, net.ErrClosed)
 }
