@@ -15,9 +15,13 @@ build:
 
 # go vet, then every package under the race detector. Tests that need root
 # (network namespaces, kernel TUN devices) run when this runs as root and
-# skip, saying why, otherwise.
+# skip, saying why, otherwise. The client side, which programs embed on
+# laptops, must also build for macOS and Windows.
+CLIENT_PKGS := ./pkg/client/... ./pkg/proxy/... ./pkg/expose/... ./relay/... ./netstack/...
 test: deps
 	$(GO) vet $(PKGS)
+	GOOS=darwin GOARCH=arm64 CGO_ENABLED=0 $(GO) build $(CLIENT_PKGS)
+	GOOS=windows GOARCH=amd64 CGO_ENABLED=0 $(GO) build $(CLIENT_PKGS)
 	$(GO) test -race -count=1 -timeout 8m $(PKGS)
 
 # The Go micro-benchmarks, then (as root on Linux) sluice against the
