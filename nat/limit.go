@@ -122,7 +122,7 @@ type Limiter struct {
 
 	lastSweep atomic.Int64 // limiter time of the last sweep
 
-	// testAfterLoad, if set, runs in Admit between finding a peer's state
+	// testAfterLoad, if set, runs in lockedPeer between finding a peer's state
 	// and locking it, so that tests can sweep in that window.
 	testAfterLoad func()
 }
@@ -255,6 +255,23 @@ func (l *Limiter) Update(opts LimiterOptions) error {
 	return nil
 }
 
+// lockedPeer returns peer's state, locked, as found in the map: a sweep
+// that forgot an entry after it was found marks it dead, and its
+// successor is looked up instead.
+func (l *Limiter) lockedPeer(peer string, now int64) *peerLimit {
+	for {
+		p := l.peer(peer, now)
+		if l.testAfterLoad != nil {
+			l.testAfterLoad()
+		}
+		p.mu.Lock()
+		if !p.dead {
+			return p
+		}
+		p.mu.Unlock()
+	}
+}
+
 // Admit asks to open one new flow for peer, before the flow exists
 // anywhere else. On success the caller must call release exactly once when
 // the flow ends (or fails to start); further calls do nothing. Otherwise the
@@ -263,62 +280,50 @@ func (l *Limiter) Update(opts LimiterOptions) error {
 func (l *Limiter) Admit(peer string) (release func(), err error) {
 	lim := l.cfg.Load().limits(peer)
 	now := l.now()
-	for {
-		p := l.peer(peer, now)
-		if l.testAfterLoad != nil {
-			l.testAfterLoad()
+	p := l.lockedPeer(peer, now)
+	if lim.MaxFlows >= 0 && p.flows.Load() >= int64(lim.MaxFlows) {
+		p.flowLimited.Add(1)
+		logIt, n := p.refused(now)
+		p.mu.Unlock()
+		if logIt {
+			l.log.Warn("peer reached its concurrent flow limit; refusing new flows",
+				zap.String("peer", peer), zap.Int("max_flows", lim.MaxFlows),
+				zap.Uint64("suppressed", n))
 		}
-		p.mu.Lock()
-		if p.dead {
-			// A sweep forgot p after we found it; its successor is in
-			// the map, or will be.
-			p.mu.Unlock()
-			continue
+		return nil, p.flowErr
+	}
+	if lim.NewFlowsPerSecond >= 0 {
+		if elapsed := now - p.refilled; elapsed > 0 {
+			p.tokens += float64(elapsed) * lim.NewFlowsPerSecond / float64(time.Second)
+			p.refilled = now
 		}
-		if lim.MaxFlows >= 0 && p.flows.Load() >= int64(lim.MaxFlows) {
-			p.flowLimited.Add(1)
+		p.tokens = min(p.tokens, float64(lim.Burst))
+		// The epsilon forgives rounding: ten refills of a tenth
+		// of a token make a whole one.
+		if p.tokens < 1-1e-9 {
+			p.rateLimited.Add(1)
 			logIt, n := p.refused(now)
 			p.mu.Unlock()
 			if logIt {
-				l.log.Warn("peer reached its concurrent flow limit; refusing new flows",
-					zap.String("peer", peer), zap.Int("max_flows", lim.MaxFlows),
-					zap.Uint64("suppressed", n))
+				l.log.Warn("peer reached its new-flow rate limit; refusing new flows",
+					zap.String("peer", peer), zap.Float64("per_second", lim.NewFlowsPerSecond),
+					zap.Int("burst", lim.Burst), zap.Uint64("suppressed", n))
 			}
-			return nil, p.flowErr
+			return nil, p.rateErr
 		}
-		if lim.NewFlowsPerSecond >= 0 {
-			if elapsed := now - p.refilled; elapsed > 0 {
-				p.tokens += float64(elapsed) * lim.NewFlowsPerSecond / float64(time.Second)
-				p.refilled = now
-			}
-			p.tokens = min(p.tokens, float64(lim.Burst))
-			// The epsilon forgives rounding: ten refills of a tenth
-			// of a token make a whole one.
-			if p.tokens < 1-1e-9 {
-				p.rateLimited.Add(1)
-				logIt, n := p.refused(now)
-				p.mu.Unlock()
-				if logIt {
-					l.log.Warn("peer reached its new-flow rate limit; refusing new flows",
-						zap.String("peer", peer), zap.Float64("per_second", lim.NewFlowsPerSecond),
-						zap.Int("burst", lim.Burst), zap.Uint64("suppressed", n))
-				}
-				return nil, p.rateErr
-			}
-			p.tokens--
-		}
-		p.flows.Add(1)
-		p.admitted.Add(1)
-		p.lastAdmit = max(p.lastAdmit, now)
-		p.mu.Unlock()
-
-		if last := l.lastSweep.Load(); now-last >= int64(sweepEvery) && l.lastSweep.CompareAndSwap(last, now) {
-			l.sweep(now)
-		}
-		t := &admission{}
-		t.p.Store(p)
-		return t.release, nil
+		p.tokens--
 	}
+	p.flows.Add(1)
+	p.admitted.Add(1)
+	p.lastAdmit = max(p.lastAdmit, now)
+	p.mu.Unlock()
+
+	if last := l.lastSweep.Load(); now-last >= int64(sweepEvery) && l.lastSweep.CompareAndSwap(last, now) {
+		l.sweep(now)
+	}
+	t := &admission{}
+	t.p.Store(p)
+	return t.release, nil
 }
 
 // admission is one admitted flow; its release is what Admit returns.
@@ -340,33 +345,26 @@ func (a *admission) release() {
 func (l *Limiter) AdmitHandshake(peer string) (release func(), err error) {
 	lim := l.cfg.Load().limits(peer)
 	now := l.now()
-	for {
-		p := l.peer(peer, now)
-		p.mu.Lock()
-		if p.dead {
-			p.mu.Unlock()
-			continue
-		}
-		if lim.MaxHandshakes >= 0 && p.handshakes.Load() >= int64(lim.MaxHandshakes) {
-			p.handshakeLimited.Add(1)
-			logIt, n := p.refused(now)
-			p.mu.Unlock()
-			if logIt {
-				l.log.Warn("peer reached its limit of TCP handshakes in flight; refusing new connections",
-					zap.String("peer", peer), zap.Int("max_handshakes", lim.MaxHandshakes),
-					zap.Uint64("suppressed", n))
-			}
-			return nil, p.handshakeErr
-		}
-		p.handshakes.Add(1)
-		// A peer with a handshake in flight is not forgotten: the sweep
-		// checks handshakes as it checks flows.
-		p.lastAdmit = max(p.lastAdmit, now)
+	p := l.lockedPeer(peer, now)
+	if lim.MaxHandshakes >= 0 && p.handshakes.Load() >= int64(lim.MaxHandshakes) {
+		p.handshakeLimited.Add(1)
+		logIt, n := p.refused(now)
 		p.mu.Unlock()
-		h := &handshakeAdmission{}
-		h.p.Store(p)
-		return h.release, nil
+		if logIt {
+			l.log.Warn("peer reached its limit of TCP handshakes in flight; refusing new connections",
+				zap.String("peer", peer), zap.Int("max_handshakes", lim.MaxHandshakes),
+				zap.Uint64("suppressed", n))
+		}
+		return nil, p.handshakeErr
 	}
+	p.handshakes.Add(1)
+	// A peer with a handshake in flight is not forgotten: the sweep
+	// checks handshakes as it checks flows.
+	p.lastAdmit = max(p.lastAdmit, now)
+	p.mu.Unlock()
+	h := &handshakeAdmission{}
+	h.p.Store(p)
+	return h.release, nil
 }
 
 // handshakeAdmission is one admitted handshake.
