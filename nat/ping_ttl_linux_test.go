@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluice-vpn/sluice/nat/nattest"
 	"golang.org/x/sys/unix"
 )
 
@@ -79,20 +80,8 @@ func checkEchoTTL(t *testing.T, raw bool) {
 	// The router's error quotes the request as it reached it, TTL spent.
 	q := bytes.Clone(request)
 	q[8] = 0
-	msg := append([]byte{11, 0, 0, 0, 0, 0, 0, 0}, q...)
-	binary.BigEndian.PutUint16(msg[2:4], icmpChecksum(msg))
-	rs, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(rs)
 	router := netip.MustParseAddr("127.0.0.5")
-	if err := unix.Bind(rs, &unix.SockaddrInet4{Addr: router.As4()}); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Sendto(rs, msg, 0, &unix.SockaddrInet4{Addr: [4]byte(request[12:16])}); err != nil {
-		t.Fatal(err)
-	}
+	nattest.SendTimeExceeded(t, router, netip.AddrFrom4([4]byte(request[12:16])), q)
 	select {
 	case e := <-errs:
 		if !e.err.TimeExceeded || e.err.From != router || !errors.Is(e.err, syscall.EHOSTUNREACH) ||
@@ -171,16 +160,7 @@ func TestPingSendAfterQueuedError(t *testing.T) {
 	binary.BigEndian.PutUint16(q[24:26], id)
 	binary.BigEndian.PutUint16(q[22:24], 0)
 	binary.BigEndian.PutUint16(q[22:24], icmpChecksum(q[20:]))
-	te := append([]byte{11, 0, 0, 0, 0, 0, 0, 0}, q...)
-	binary.BigEndian.PutUint16(te[2:4], icmpChecksum(te))
-	rs, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(rs)
-	if err := unix.Sendto(rs, te, 0, &unix.SockaddrInet4{Addr: lo4.As4()}); err != nil {
-		t.Fatal(err)
-	}
+	nattest.SendTimeExceeded(t, netip.Addr{}, lo4, q)
 	// Wait until the error is queued, without reading it.
 	deadline := time.Now().Add(3 * time.Second)
 	for {
@@ -188,9 +168,7 @@ func TestPingSendAfterQueuedError(t *testing.T) {
 		s.rc.Control(func(fd uintptr) { serr, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR) })
 		if serr != 0 {
 			// SO_ERROR read it; queue another the same way.
-			if err := unix.Sendto(rs, te, 0, &unix.SockaddrInet4{Addr: lo4.As4()}); err != nil {
-				t.Fatal(err)
-			}
+			nattest.SendTimeExceeded(t, netip.Addr{}, lo4, q)
 			time.Sleep(50 * time.Millisecond)
 			break
 		}

@@ -11,6 +11,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/sluice-vpn/sluice/nat/nattest"
 	"golang.org/x/sys/unix"
 )
 
@@ -237,21 +238,8 @@ func TestUDPTimeExceeded(t *testing.T) {
 	binary.BigEndian.PutUint16(q[22:24], srv.Port())
 	binary.BigEndian.PutUint16(q[24:26], 8+5)
 	q = append(q, "probe"...)
-	msg := append([]byte{11, 0, 0, 0, 0, 0, 0, 0}, q...)
-	binary.BigEndian.PutUint16(msg[2:4], icmpChecksum(msg))
-
 	router := netip.MustParseAddr("127.0.0.5")
-	rs, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(rs)
-	if err := unix.Bind(rs, &unix.SockaddrInet4{Addr: router.As4()}); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Sendto(rs, msg, 0, &unix.SockaddrInet4{Addr: egress.Addr().As4()}); err != nil {
-		t.Fatal(err)
-	}
+	nattest.SendTimeExceeded(t, router, egress.Addr(), q)
 	select {
 	case r := <-reports:
 		if !r.err.TimeExceeded || r.err.From != router || r.remote != srv || r.client != client1 || r.payload != "probe" {

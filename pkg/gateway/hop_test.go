@@ -12,10 +12,10 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sys/unix"
-
 	"github.com/sluice-vpn/sluice/nat"
+	"github.com/sluice-vpn/sluice/nat/nattest"
 	"github.com/sluice-vpn/sluice/tunnel/memtun"
+	"golang.org/x/sys/unix"
 )
 
 // TestUDPClosedPortGetsPortUnreachable: a datagram to a port nothing
@@ -278,20 +278,8 @@ func TestPingTracerouteThroughGateway(t *testing.T) {
 
 	q := bytes.Clone(request)
 	q[8] = 0
-	msg := append([]byte{11, 0, 0, 0, 0, 0, 0, 0}, q...)
-	binary.BigEndian.PutUint16(msg[2:4], ipChecksum(msg))
-	rs, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(rs)
 	router := netip.MustParseAddr("127.0.0.5")
-	if err := unix.Bind(rs, &unix.SockaddrInet4{Addr: router.As4()}); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Sendto(rs, msg, 0, &unix.SockaddrInet4{Addr: [4]byte(request[12:16])}); err != nil {
-		t.Fatal(err)
-	}
+	nattest.SendTimeExceeded(t, router, netip.AddrFrom4([4]byte(request[12:16])), q)
 	for {
 		got := readPacket(t, dev)
 		if got[9] != 1 || got[20] == 0 {
